@@ -1,0 +1,38 @@
+# Everything a fresh machine needs comes from these targets: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CHECKED := llmtrace tests benchmarks alembic
+
+.PHONY: install demo test lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[embedded,dev]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/alembic upgrade head
+	$(BIN)/llmtrace demo
+
+test: lint
+	$(BIN)/pytest -n 2 -q
+
+lint: install
+	$(BIN)/ruff check $(CHECKED)
+	$(BIN)/ruff format --check $(CHECKED)
+	$(BIN)/mypy llmtrace
+
+format: install
+	$(BIN)/ruff check --fix $(CHECKED)
+	$(BIN)/ruff format $(CHECKED)
+
+bench: install
+	$(BIN)/python benchmarks/ingest.py
+
+clean:
+	rm -rf $(VENV) .llmtrace .pytest_cache .mypy_cache .ruff_cache .hypothesis

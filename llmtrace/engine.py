@@ -1,0 +1,234 @@
+"""Where the traces live: resolve the database URL and build a SQLAlchemy engine for it.
+
+Two kinds of URL are accepted:
+
+- ``chdb:///relative/dir`` or ``chdb:////absolute/dir`` (optionally ``?database=name``): the embedded
+  ClickHouse engine (chDB) with its data in that directory. The slashes follow SQLite's convention.
+- ``clickhousedb://user:password@host:8123/database`` (and clickhouse-connect's other spellings): a ClickHouse
+  server or ClickHouse Cloud over HTTP(S), through clickhouse-connect's SQLAlchemy dialect.
+
+The URL comes from the ``url`` argument, else ``LLMTRACE_DATABASE_URL``, else :data:`DEFAULT_URL`.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from llmtrace.errors import ConfigurationError, EmbeddedEngineError
+
+ENV_VAR = "LLMTRACE_DATABASE_URL"
+DEFAULT_URL = "chdb:///.llmtrace/chdb"
+EMBEDDED_SCHEME = "chdb"
+SERVER_SCHEMES = frozenset({"clickhousedb", "clickhousedb+connect", "clickhouse+connect"})
+LOCK_FILE_NAME = "llmtrace.lock"
+DEFAULT_DATABASE = "default"
+_DATABASE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class EmbeddedTarget:
+    """An embedded-engine location parsed from a ``chdb://`` URL."""
+
+    directory: Path
+    database: str
+
+
+def resolve_url(url: str | URL | None = None) -> str:
+    """Return the database URL to use: the argument, else ``LLMTRACE_DATABASE_URL``, else the embedded default.
+
+    Args:
+        url: An explicit URL, or ``None`` to fall back to the environment and then the default.
+
+    Returns:
+        The URL as a string (passwords included: do not log it).
+    """
+    if url is not None:
+        return url.render_as_string(hide_password=False) if isinstance(url, URL) else url
+    return os.environ.get(ENV_VAR) or DEFAULT_URL
+
+
+def parse_embedded_url(url: URL) -> EmbeddedTarget:
+    """Read the data directory and database out of a ``chdb://`` URL.
+
+    Raises:
+        ConfigurationError: The URL has no directory, an unknown option, or an invalid database name.
+    """
+    if not url.database:
+        raise ConfigurationError(
+            "The chdb:// URL names no data directory. Write chdb:///relative/dir or chdb:////absolute/dir."
+        )
+    unknown = sorted(set(url.query) - {"database"})
+    if unknown:
+        raise ConfigurationError(
+            f"Unknown option(s) {', '.join(unknown)} in the chdb:// URL; the only option is ?database=<name>."
+        )
+    database = url.query.get("database", DEFAULT_DATABASE)
+    if not isinstance(database, str) or not _DATABASE_NAME.match(database):
+        raise ConfigurationError(
+            f"Invalid database name {database!r} in the chdb:// URL: use letters, digits and underscores, "
+            "not starting with a digit."
+        )
+    return EmbeddedTarget(directory=Path(url.database).expanduser().resolve(), database=database)
+
+
+def get_engine(url: str | URL | None = None, **engine_kwargs: Any) -> Engine:
+    """Build a SQLAlchemy engine for the trace database.
+
+    For the embedded engine, the data directory and the database are created on first use, and the directory
+    is locked for this process (chDB allows one process per data directory).
+
+    Args:
+        url: The database URL; see :func:`resolve_url` for the fallbacks and the module docs for the forms.
+        **engine_kwargs: Passed to :func:`sqlalchemy.create_engine` (e.g. ``pool_size``, ``echo``).
+
+    Returns:
+        A SQLAlchemy engine on clickhouse-connect's ``clickhousedb`` dialect.
+
+    Raises:
+        ConfigurationError: The URL is malformed or not a ClickHouse URL.
+        EmbeddedEngineError: chDB is not installed, the directory cannot be written, or another process holds it.
+    """
+    raw = resolve_url(url)
+    try:
+        parsed = make_url(raw)
+    except ArgumentError as exc:
+        raise ConfigurationError(
+            f"Cannot parse the database URL {_redacted(raw)!r}: {exc}. "
+            "Expected chdb:///dir for the embedded engine or clickhousedb://user:pass@host:8123/db for a server."
+        ) from exc
+    if parsed.drivername == EMBEDDED_SCHEME:
+        return _embedded_engine(parse_embedded_url(parsed), engine_kwargs)
+    if parsed.drivername in SERVER_SCHEMES:
+        return create_engine(parsed, **engine_kwargs)
+    raise ConfigurationError(
+        f"Unsupported database URL scheme {parsed.drivername!r}. Use chdb:///dir for the embedded engine or "
+        "clickhousedb://user:pass@host:8123/db for a ClickHouse server "
+        "(clickhouse:// and clickhouse+native:// are clickhouse-sqlalchemy's schemes, which llmtrace does not use)."
+    )
+
+
+def _redacted(raw: str) -> str:
+    return re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", raw)
+
+
+# chDB hosts one data directory per process; remember which one this process opened and the lock it holds.
+_held_locks: dict[Path, int] = {}
+
+
+def _embedded_engine(target: EmbeddedTarget, engine_kwargs: dict[str, Any]) -> Engine:
+    _require_chdb()
+    _prepare_directory(target.directory)
+    _lock_directory(target.directory)
+    _create_database(target)
+    connect_args = {"interface": "chdb", "path": str(target.directory), **engine_kwargs.pop("connect_args", {})}
+    return create_engine(f"clickhousedb:///{target.database}", connect_args=connect_args, **engine_kwargs)
+
+
+def _require_chdb() -> None:
+    if importlib.util.find_spec("chdb") is None:
+        raise EmbeddedEngineError(
+            "The embedded ClickHouse engine (chDB) is not installed. Install it with "
+            "`pip install 'llmtrace[embedded]'`, or set LLMTRACE_DATABASE_URL to a ClickHouse server URL "
+            "such as clickhousedb://user:pass@host:8123/db."
+        )
+
+
+def _prepare_directory(directory: Path) -> None:
+    fix = (
+        f"Make it writable, or choose another directory with {ENV_VAR}=chdb:////path/to/writable/dir "
+        "(or pass url= to get_engine)."
+    )
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EmbeddedEngineError(
+            f"Cannot create the embedded ClickHouse data directory {directory}: {exc.strerror}. {fix}"
+        ) from exc
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise EmbeddedEngineError(f"The embedded ClickHouse data directory {directory} is not writable. {fix}")
+
+
+def _lock_directory(directory: Path) -> None:
+    if directory in _held_locks:
+        return
+    if _held_locks:
+        (other,) = _held_locks
+        raise EmbeddedEngineError(
+            f"This process already uses the embedded ClickHouse data directory {other}; chDB can host only one "
+            f"data directory per process, so {directory} cannot be opened here. Use one directory per process "
+            "(separate databases within it isolate data: chdb:///dir?database=name)."
+        )
+    lock_path = directory / LOCK_FILE_NAME
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = _read_holder(fd)
+        os.close(fd)
+        if exc.errno not in (errno.EAGAIN, errno.EACCES):
+            raise EmbeddedEngineError(f"Cannot lock the embedded ClickHouse data directory {directory}: {exc}") from exc
+        raise EmbeddedEngineError(
+            f"The embedded ClickHouse data directory {directory} is in use by another process"
+            f"{f' (pid {holder})' if holder else ''}. chDB allows one process per data directory. "
+            "Stop that process, or give this one its own directory with "
+            f"{ENV_VAR}=chdb:////path/to/another/dir, or run a ClickHouse server and use a clickhousedb:// URL "
+            "so that several processes can share the data."
+        ) from exc
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    # Kept open for the life of the process: the kernel releases the lock when the process exits.
+    _held_locks[directory] = fd
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        return os.pread(fd, 32, 0).decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def _create_database(target: EmbeddedTarget) -> None:
+    # Imported here: clickhouse-connect loads chDB's native library on first use, which is only wanted for
+    # embedded URLs.
+    import clickhouse_connect
+    from clickhouse_connect.driver.exceptions import ClickHouseError
+
+    try:
+        client = clickhouse_connect.get_client(interface="chdb", path=str(target.directory))
+    except ClickHouseError as exc:
+        raise EmbeddedEngineError(
+            f"chDB could not open the data directory {target.directory}: {exc}. This usually means another "
+            "program (not llmtrace) has it open, or that it holds data from an incompatible ClickHouse version. "
+            f"Use another directory with {ENV_VAR}=chdb:////path/to/another/dir."
+        ) from exc
+    try:
+        client.command(f"CREATE DATABASE IF NOT EXISTS `{target.database}`")
+    finally:
+        client.close()
+
+
+def driver_client(connection: Connection) -> Any:
+    """The clickhouse-connect client behind a SQLAlchemy connection of a ``clickhousedb`` engine.
+
+    Column-oriented inserts (``client.insert``) go through it: they are several times faster than SQLAlchemy's
+    ``executemany`` and take per-insert settings such as ``insert_deduplication_token``.
+    """
+    dbapi_connection = connection.connection.dbapi_connection
+    client = getattr(dbapi_connection, "client", None)
+    if client is None:
+        raise ConfigurationError(
+            f"The engine's driver connection {type(dbapi_connection).__name__} is not clickhouse-connect's; "
+            "llmtrace needs an engine built by llmtrace.get_engine (the clickhousedb dialect)."
+        )
+    return client

@@ -1,0 +1,195 @@
+"""The LLM trace as services see it: a validated Pydantic model, one instance per LLM call.
+
+Field names, order, types, defaults and descriptions follow the reference ``LLMTrace`` that agent platforms
+already write with ``to_clickhouse_row()``; llmtrace accepts those rows unchanged. On top of the reference,
+this model validates what a row must satisfy to be stored and read back exactly (see :class:`LLMTrace`).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, ClassVar, Self
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+UINT32_MAX = 2**32 - 1
+UINT64_MAX = 2**64 - 1
+PROVIDER_TRACE_PREFIX = "provider_trace-"
+# The range of ClickHouse's DateTime64, which stores created_at.
+EARLIEST_CREATED_AT = datetime(1900, 1, 1, tzinfo=UTC)
+LATEST_CREATED_AT = datetime(2299, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+
+# The bounds are the ClickHouse column types (UInt32 for counts and latency, UInt64 for sizes): a value
+# outside them would be rejected, or worse wrapped around, at insert time, far from the code that made it.
+TokenCount = Annotated[int, Field(ge=0, le=UINT32_MAX)]
+ByteSize = Annotated[int, Field(ge=0, le=UINT64_MAX)]
+
+_OPTIONAL_STRINGS = ("project_id", "agent_id", "run_id", "step_id", "trace_id", "error_type", "error_message")
+
+
+def utc_now() -> datetime:
+    """The current time as an aware UTC datetime (the default of ``created_at``)."""
+    return datetime.now(UTC)
+
+
+class LLMTrace(BaseModel):
+    """LLM request/response trace for ClickHouse analytics.
+
+    Stores LLM request/response payloads with denormalized columns for fast cost analytics queries
+    (token usage by org/agent/model).
+
+    Beyond the reference model, validation guarantees:
+
+    - token counts, sizes and latency are non-negative and fit their ClickHouse columns;
+    - ``created_at`` is an aware UTC datetime: naive values are taken as UTC, aware ones are converted; it
+      must lie within the range of ClickHouse's DateTime64 (years 1900 to 2299);
+    - ``total_tokens`` left at 0 becomes ``prompt_tokens + completion_tokens``;
+    - ``request_size_bytes`` / ``response_size_bytes`` left at 0 become the UTF-8 byte length of the payload;
+    - optional string fields given as ``""`` become ``None``: the table stores absent strings as ``''``, so
+      the two cannot be told apart once written, and normalising here keeps write -> read exact;
+    - unknown fields are rejected, so a misspelt field name is an error rather than silently dropped.
+
+    Every validation error names the field that failed (Pydantic's ``ValidationError``).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    __id_prefix__: ClassVar[str] = "llm_trace"
+
+    # Primary identifier (UUID portion of ProviderTrace.id, prefix stripped for ClickHouse)
+    id: str = Field(..., description="Trace UUID (strip 'provider_trace-' prefix to correlate)")
+
+    # Context identifiers
+    organization_id: str = Field(..., description="Organization this trace belongs to")
+    project_id: str | None = Field(default=None, description="Project this trace belongs to")
+    agent_id: str | None = Field(default=None, description="Agent that made the request")
+    agent_tags: list[str] = Field(default_factory=list, description="Tags associated with the agent")
+    run_id: str | None = Field(default=None, description="Run this trace is associated with")
+    step_id: str | None = Field(default=None, description="Step that generated this trace")
+    trace_id: str | None = Field(default=None, description="OTEL trace ID for correlation")
+
+    # Request metadata (queryable)
+    call_type: str = Field(..., description="Type of LLM call: 'agent_step', 'summarization', 'embedding'")
+    provider: str = Field(..., description="LLM provider: 'openai', 'anthropic', 'google_ai', etc.")
+    model: str = Field(..., description="Model name/identifier")
+    is_byok: bool = Field(default=False, description="Whether this request used BYOK (Bring Your Own Key)")
+
+    # Size metrics
+    request_size_bytes: ByteSize = Field(default=0, description="Size of request_json in bytes")
+    response_size_bytes: ByteSize = Field(default=0, description="Size of response_json in bytes")
+
+    # Token usage
+    prompt_tokens: TokenCount = Field(default=0, description="Number of prompt tokens")
+    completion_tokens: TokenCount = Field(default=0, description="Number of completion tokens")
+    total_tokens: TokenCount = Field(default=0, description="Total tokens (prompt + completion)")
+
+    # Cache and reasoning tokens (from LettaUsageStatistics)
+    cached_input_tokens: TokenCount | None = Field(default=None, description="Number of input tokens served from cache")
+    cache_write_tokens: TokenCount | None = Field(
+        default=None, description="Number of tokens written to cache (Anthropic)"
+    )
+    reasoning_tokens: TokenCount | None = Field(
+        default=None, description="Number of reasoning/thinking tokens generated"
+    )
+
+    # Latency
+    latency_ms: TokenCount = Field(default=0, description="Request latency in milliseconds")
+
+    # Error tracking
+    is_error: bool = Field(default=False, description="Whether the request resulted in an error")
+    error_type: str | None = Field(default=None, description="Exception class name if error")
+    error_message: str | None = Field(default=None, description="Error message if error")
+
+    # Raw payloads (JSON strings)
+    request_json: str = Field(..., description="Full request payload as JSON string")
+    response_json: str = Field(..., description="Full response payload as JSON string")
+    llm_config_json: str = Field(default="", description="LLM config as JSON string")
+
+    # Timestamp
+    created_at: datetime = Field(default_factory=utc_now, description="When the trace was created")
+
+    @field_validator(*_OPTIONAL_STRINGS)
+    @classmethod
+    def _empty_string_is_absent(cls, value: str | None) -> str | None:
+        return value or None
+
+    @field_validator("created_at")
+    @classmethod
+    def _as_utc(cls, value: datetime) -> datetime:
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        if not EARLIEST_CREATED_AT <= value <= LATEST_CREATED_AT:
+            raise ValueError(
+                f"must be between {EARLIEST_CREATED_AT.isoformat()} and {LATEST_CREATED_AT.isoformat()} "
+                "(the range ClickHouse's DateTime64 can store)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _fill_derived_defaults(self) -> Self:
+        if self.total_tokens == 0 and (self.prompt_tokens or self.completion_tokens):
+            # Assigning re-runs field validation, so a sum beyond UInt32 is reported on total_tokens.
+            self.total_tokens = self.prompt_tokens + self.completion_tokens
+        if self.request_size_bytes == 0 and self.request_json:
+            self.request_size_bytes = len(self.request_json.encode("utf-8"))
+        if self.response_size_bytes == 0 and self.response_json:
+            self.response_size_bytes = len(self.response_json.encode("utf-8"))
+        return self
+
+    @staticmethod
+    def id_from_provider_trace(provider_trace_id: str) -> str:
+        """Return the trace UUID of a ``ProviderTrace`` id, i.e. without its ``provider_trace-`` prefix.
+
+        Ids without the prefix are returned unchanged, so the helper is safe to apply twice.
+
+        Args:
+            provider_trace_id: An id such as ``"provider_trace-7f9c..."``.
+
+        Returns:
+            The id with the prefix removed.
+        """
+        return provider_trace_id.removeprefix(PROVIDER_TRACE_PREFIX)
+
+    def to_clickhouse_row(self) -> tuple[Any, ...]:
+        """Convert to a tuple for ClickHouse insertion, in :meth:`clickhouse_columns` order.
+
+        Absent optional strings become ``''`` and booleans become ``1``/``0``, exactly as in the reference.
+        """
+        return (
+            self.id,
+            self.organization_id,
+            self.project_id or "",
+            self.agent_id or "",
+            self.agent_tags,
+            self.run_id or "",
+            self.step_id or "",
+            self.trace_id or "",
+            self.call_type,
+            self.provider,
+            self.model,
+            1 if self.is_byok else 0,
+            self.request_size_bytes,
+            self.response_size_bytes,
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.total_tokens,
+            self.cached_input_tokens,
+            self.cache_write_tokens,
+            self.reasoning_tokens,
+            self.latency_ms,
+            1 if self.is_error else 0,
+            self.error_type or "",
+            self.error_message or "",
+            self.request_json,
+            self.response_json,
+            self.llm_config_json,
+            self.created_at,
+        )
+
+    @classmethod
+    def clickhouse_columns(cls) -> list[str]:
+        """Return column names for ClickHouse insertion, in :meth:`to_clickhouse_row` order."""
+        return list(CLICKHOUSE_COLUMNS)
+
+
+# The column order is the field order; tests check it against the reference list spelled out by hand.
+CLICKHOUSE_COLUMNS: tuple[str, ...] = tuple(LLMTrace.model_fields)

@@ -1,0 +1,80 @@
+"""Generate realistic synthetic traces, for the demo and the benchmarks."""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+from llmtrace.model import LLMTrace
+
+MODELS = (
+    ("openai", "gpt-4.1"),
+    ("openai", "gpt-4.1-mini"),
+    ("anthropic", "claude-sonnet-4"),
+    ("anthropic", "claude-haiku-4"),
+    ("google_ai", "gemini-2.5-pro"),
+)
+CALL_TYPES = ("agent_step", "agent_step", "agent_step", "summarization", "embedding")
+ERRORS = ("RateLimitError", "APITimeoutError", "ContextWindowExceededError")
+
+
+def synthetic_traces(
+    count: int,
+    *,
+    organizations: int = 3,
+    agents_per_organization: int = 5,
+    payload_bytes: tuple[int, int] = (200, 50_000),
+    end: datetime | None = None,
+    span: timedelta = timedelta(days=1),
+    seed: int = 0,
+) -> Iterator[LLMTrace]:
+    """Yield ``count`` traces spread over ``span`` before ``end`` (default: now), reproducible by ``seed``.
+
+    Args:
+        count: How many traces to generate.
+        organizations: Distinct organization ids.
+        agents_per_organization: Distinct agent ids per organization.
+        payload_bytes: Inclusive range of the request payload size; responses are a quarter of it.
+        end: Latest possible ``created_at``.
+        span: How far before ``end`` the earliest trace may be.
+        seed: Seed of the random generator, so runs can be compared.
+    """
+    rng = random.Random(seed)
+    end = end or datetime.now(UTC)
+    filler = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(payload_bytes[1]))
+    for _ in range(count):
+        provider, model = rng.choice(MODELS)
+        organization = rng.randrange(organizations)
+        agent = rng.randrange(agents_per_organization)
+        size = rng.randint(*payload_bytes)
+        is_error = rng.random() < 0.02
+        prompt = rng.randint(50, 20_000)
+        yield LLMTrace(
+            id=str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+            organization_id=f"org-{organization}",
+            project_id=f"project-{organization}",
+            agent_id=f"agent-{organization}-{agent}",
+            agent_tags=["demo", f"team-{agent % 3}"],
+            run_id=f"run-{rng.getrandbits(32):08x}",
+            step_id=f"step-{rng.getrandbits(32):08x}",
+            trace_id=f"{rng.getrandbits(128):032x}",
+            call_type=rng.choice(CALL_TYPES),
+            provider=provider,
+            model=model,
+            is_byok=rng.random() < 0.1,
+            prompt_tokens=prompt,
+            completion_tokens=0 if is_error else rng.randint(10, 2_000),
+            cached_input_tokens=rng.randint(0, prompt) if provider == "anthropic" else None,
+            reasoning_tokens=rng.randint(0, 500) if model.startswith("gpt-4.1") else None,
+            latency_ms=rng.randint(150, 30_000),
+            is_error=is_error,
+            error_type=rng.choice(ERRORS) if is_error else None,
+            error_message="upstream error" if is_error else None,
+            request_json=json.dumps({"model": model, "messages": [{"role": "user", "content": filler[:size]}]}),
+            response_json=json.dumps({"content": filler[: size // 4]}),
+            llm_config_json=json.dumps({"model": model, "temperature": 0.7}),
+            created_at=end - timedelta(seconds=rng.uniform(0, span.total_seconds())),
+        )
