@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-CHECKED := llmtrace tests benchmarks alembic
+CHECKED := $(wildcard llmtrace tests benchmarks alembic)
 
 .PHONY: install demo test lint format bench clean
 
