@@ -5,20 +5,39 @@ The public API is what ``__all__`` lists; everything else may change between rel
 
 from llmtrace.conversion import record_to_trace, trace_from_row, trace_to_record
 from llmtrace.engine import DEFAULT_URL, ENV_VAR, get_engine, resolve_url
-from llmtrace.errors import ConfigurationError, EmbeddedEngineError, LLMTraceError, MigrationError
+from llmtrace.errors import (
+    ConfigurationError,
+    DatabaseError,
+    EmbeddedEngineError,
+    InvalidCursor,
+    LLMTraceError,
+    MigrationError,
+    TraceNotFound,
+    TraceValidationError,
+)
 from llmtrace.model import LLMTrace
+from llmtrace.pagination import TracePage
 from llmtrace.record import SKIP_INDEXES, LLMTraceRecord
+from llmtrace.repository import TraceRepository
+from llmtrace.usage import UsageRow
 
 __all__ = [
     "DEFAULT_URL",
     "ENV_VAR",
     "SKIP_INDEXES",
     "ConfigurationError",
+    "DatabaseError",
     "EmbeddedEngineError",
+    "InvalidCursor",
     "LLMTrace",
     "LLMTraceError",
     "LLMTraceRecord",
     "MigrationError",
+    "TraceNotFound",
+    "TracePage",
+    "TraceRepository",
+    "TraceValidationError",
+    "UsageRow",
     "get_engine",
     "record_to_trace",
     "resolve_url",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class LLMTraceError(Exception):
     """Base class of every error llmtrace raises on purpose."""
@@ -21,3 +24,55 @@ class EmbeddedEngineError(ConfigurationError):
 
 class MigrationError(LLMTraceError):
     """The Alembic migrations could not be found or applied."""
+
+
+class DatabaseError(LLMTraceError):
+    """ClickHouse rejected or failed a statement; the driver's exception is the ``__cause__``."""
+
+
+class TraceNotFound(LLMTraceError, LookupError):  # noqa: N818 (the public name the API promises)
+    """No trace with the given id exists in the given organization."""
+
+
+class TraceValidationError(LLMTraceError, ValueError):
+    """One or more traces of a batch are invalid; nothing of that batch was written.
+
+    Attributes:
+        problems: ``(index, field, message)`` for every invalid field of every invalid item, where ``index``
+            is the item's position in the iterable given to ``add_many``.
+    """
+
+    def __init__(self, problems: list[tuple[int, str, str]]) -> None:
+        self.problems = problems
+        lines = [f"  item {index}, {field}: {message}" for index, field, message in problems]
+        items = len({index for index, _, _ in problems})
+        super().__init__(f"{items} invalid trace(s); nothing from this batch was written:\n" + "\n".join(lines))
+
+
+class InvalidCursor(LLMTraceError, ValueError):  # noqa: N818 (named like TraceNotFound)
+    """A pagination cursor is malformed, or was issued for another organization or other filters."""
+
+
+@contextmanager
+def database_errors(action: str) -> Iterator[None]:
+    """Map the driver's and SQLAlchemy's database errors to :class:`DatabaseError`, keeping the original.
+
+    Programming errors (``TypeError``, ``AttributeError``, ...) pass through untouched.
+
+    Args:
+        action: What was being done, for the message (e.g. ``"inserting 1000 traces"``).
+    """
+    # Imported here so that importing llmtrace.errors stays free of driver imports.
+    from clickhouse_connect.driver.exceptions import Error as DriverError
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        yield
+    except (DBAPIError, DriverError) as exc:
+        original = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+        raise DatabaseError(f"ClickHouse failed while {action}: {_first_line(original)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

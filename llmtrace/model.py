@@ -7,6 +7,7 @@ this model validates what a row must satisfy to be stored and read back exactly 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Self
 
@@ -25,6 +26,12 @@ TokenCount = Annotated[int, Field(ge=0, le=UINT32_MAX)]
 ByteSize = Annotated[int, Field(ge=0, le=UINT64_MAX)]
 
 _OPTIONAL_STRINGS = ("project_id", "agent_id", "run_id", "step_id", "trace_id", "error_type", "error_message")
+_FLAGS = ("is_byok", "is_error")
+
+
+def as_utc(value: datetime) -> datetime:
+    """Return ``value`` as an aware UTC datetime; a naive value is taken to be UTC already."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def utc_now() -> datetime:
@@ -116,7 +123,7 @@ class LLMTrace(BaseModel):
     @field_validator("created_at")
     @classmethod
     def _as_utc(cls, value: datetime) -> datetime:
-        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        value = as_utc(value)
         if not EARLIEST_CREATED_AT <= value <= LATEST_CREATED_AT:
             raise ValueError(
                 f"must be between {EARLIEST_CREATED_AT.isoformat()} and {LATEST_CREATED_AT.isoformat()} "
@@ -184,6 +191,24 @@ class LLMTrace(BaseModel):
             self.llm_config_json,
             self.created_at,
         )
+
+    @staticmethod
+    def to_clickhouse_column_data(traces: Sequence[LLMTrace]) -> list[list[Any]]:
+        """The column-oriented form of :meth:`to_clickhouse_row` for a batch: one list per column.
+
+        Equal to transposing the rows (a property test checks it), built without a tuple per row, which is
+        what makes bulk inserts fast.
+        """
+        states = [trace.__dict__ for trace in traces]
+        columns: list[list[Any]] = []
+        for name in CLICKHOUSE_COLUMNS:
+            if name in _OPTIONAL_STRINGS:
+                columns.append([state[name] or "" for state in states])
+            elif name in _FLAGS:
+                columns.append([1 if state[name] else 0 for state in states])
+            else:
+                columns.append([state[name] for state in states])
+        return columns
 
     @classmethod
     def clickhouse_columns(cls) -> list[str]:

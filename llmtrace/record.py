@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import cast
 
 from clickhouse_connect.cc_sqlalchemy.datatypes.sqltypes import (
     Array,
@@ -46,7 +47,7 @@ from clickhouse_connect.cc_sqlalchemy.datatypes.sqltypes import (
     UInt64,
 )
 from clickhouse_connect.cc_sqlalchemy.ddl.tableengine import MergeTree
-from sqlalchemy import MetaData
+from sqlalchemy import MetaData, Table
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 TABLE_NAME = "llm_traces"
@@ -126,3 +127,7 @@ class LLMTraceRecord(Base):
     response_json: Mapped[str] = mapped_column(String, clickhousedb_codec=PAYLOAD_CODEC)
     llm_config_json: Mapped[str] = mapped_column(String, clickhousedb_codec=PAYLOAD_CODEC)
     created_at: Mapped[datetime] = mapped_column(DateTime64(6, "UTC"))
+
+
+# The table object, typed as a Table (the declarative attribute is typed as a generic FromClause).
+TRACES_TABLE = cast(Table, LLMTraceRecord.__table__)

@@ -1,0 +1,355 @@
+"""TraceRepository: what services call to write, read and report on traces.
+
+Writes go through clickhouse-connect's native insert (column data sent in ClickHouse's Native format), not
+through SQLAlchemy's executemany, which is several times slower. Reads and reports are SQLAlchemy Core
+statements on :class:`LLMTraceRecord` with bound parameters: no user value is ever formatted into SQL here.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
+from itertools import islice
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import Connection, Engine, delete, func, select
+from tqdm import tqdm
+
+from llmtrace.conversion import trace_from_row
+from llmtrace.engine import driver_client
+from llmtrace.errors import DatabaseError, TraceNotFound, TraceValidationError, database_errors
+from llmtrace.filters import TraceFilter
+from llmtrace.model import CLICKHOUSE_COLUMNS, LLMTrace
+from llmtrace.pagination import Position, TracePage, decode_cursor, encode_cursor
+from llmtrace.record import TABLE_NAME, TRACES_TABLE
+from llmtrace.stored_lookup import stored_identities
+from llmtrace.usage import UsageRow, usage_row, usage_statement, validate_grouping
+
+TABLE = TRACES_TABLE
+DEFAULT_BATCH_SIZE = 10_000
+MAX_PAGE_SIZE = 10_000
+# A batch may span many months (backfills); ClickHouse's default refuses more than 100 partitions per insert.
+INSERT_SETTINGS = {"max_partitions_per_insert_block": 0}
+
+TraceInput = LLMTrace | Mapping[str, Any]
+
+
+class TraceRepository:
+    """Write, read and report on LLM traces stored in ClickHouse.
+
+    Every method that returns traces requires an ``organization_id`` and only ever returns that
+    organization's traces. Database failures raise :class:`llmtrace.errors.DatabaseError` with the driver's
+    exception as ``__cause__``.
+
+    Args:
+        engine: An engine from :func:`llmtrace.get_engine` whose database has been migrated.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # -- writes -------------------------------------------------------------------------------------------
+
+    def add(self, trace: TraceInput) -> None:
+        """Store one trace (an :class:`LLMTrace` or a mapping of its fields). See :meth:`add_many`."""
+        self.add_many([trace])
+
+    def add_many(
+        self,
+        traces: Iterable[TraceInput],
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        skip_stored: bool = True,
+        progress: bool = False,
+    ) -> int:
+        """Store traces in batches, exactly once.
+
+        Validation is atomic: when ``traces`` is a sequence (list, tuple), every item is validated before
+        anything is written, and one invalid item means nothing is written. Other iterables (generators) are
+        consumed ``batch_size`` items at a time so that memory stays bounded; each batch is validated before
+        it is written, so an invalid item stops the call with the earlier batches already stored (the error
+        says how many).
+
+        What is deduplicated: a trace is identified by ``(organization_id, id)``. Within a call, repeats of
+        an identity are written once (the first wins). With ``skip_stored`` (the default), traces whose identity
+        is already stored are skipped, so re-sending a batch, or a batch that overlaps earlier ones, stores
+        each trace once; this costs one lookup query per batch. A batch retried
+        while its first attempt may still be landing (e.g. after a timeout) is recognised by ClickHouse
+        itself through an ``insert_deduplication_token`` derived from the batch's identities.
+
+        What is not: two processes writing overlapping (not identical) batches at the same moment can both
+        pass the existence check; and a retry that arrives after more than the table's deduplication window
+        (10,000 inserts) can no longer be recognised by the token, only by the existence check.
+
+        Args:
+            traces: :class:`LLMTrace` objects or mappings of their fields (validated like the model).
+            batch_size: Traces per insert; each batch is one insert statement.
+            skip_stored: Look up which traces of each batch are already stored and skip them. Turn it off only
+                when batches never overlap (identical retries are still deduplicated by the token).
+            progress: Show a progress bar on stderr.
+
+        Returns:
+            The number of traces written (skipped duplicates are not counted).
+
+        Raises:
+            TraceValidationError: Listing every invalid item by index and field.
+            DatabaseError: ClickHouse failed.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        total = len(traces) if isinstance(traces, Sequence) else None
+        batches: Iterable[list[LLMTrace]]
+        if isinstance(traces, Sequence):
+            validated = validate_traces(traces, start=0)
+            batches = (validated[i : i + batch_size] for i in range(0, len(validated), batch_size))
+        else:
+            batches = validated_batches(traces, batch_size)
+        written = 0
+        bar = tqdm(total=total, disable=not progress, unit="trace", desc="writing traces")
+        with bar, self.engine.connect() as connection:
+            try:
+                for batch in batches:
+                    written += self._write_batch(connection, batch, skip_stored=skip_stored)
+                    bar.update(len(batch))
+            except TraceValidationError as exc:
+                exc.add_note(f"{written} trace(s) from earlier batches of this call were already written.")
+                raise
+        return written
+
+    def _write_batch(self, connection: Connection, batch: list[LLMTrace], *, skip_stored: bool) -> int:
+        identities = [(trace.organization_id, trace.id) for trace in batch]
+        if len(set(identities)) < len(identities):
+            first = {identity: trace for identity, trace in zip(reversed(identities), reversed(batch), strict=True)}
+            identities, batch = list(first), list(first.values())
+        if skip_stored:
+            with database_errors(f"checking which of {len(batch)} traces are already stored"):
+                stored = stored_identities(driver_client(connection), identities)
+            if stored:
+                kept = [(key, trace) for key, trace in zip(identities, batch, strict=True) if key not in stored]
+                identities, batch = [key for key, _ in kept], [trace for _, trace in kept]
+        if not batch:
+            return 0
+        settings = {**INSERT_SETTINGS, "insert_deduplication_token": batch_token(identities)}
+        with database_errors(f"inserting {len(batch)} traces"):
+            driver_client(connection).insert(
+                TABLE_NAME,
+                LLMTrace.to_clickhouse_column_data(batch),
+                column_names=list(CLICKHOUSE_COLUMNS),
+                column_oriented=True,
+                settings=settings,
+            )
+        return len(batch)
+
+    # -- reads --------------------------------------------------------------------------------------------
+
+    def get(self, organization_id: str, trace_id: str) -> LLMTrace:
+        """Return the trace whose ``id`` is ``trace_id`` in ``organization_id``.
+
+        ``trace_id`` here is the trace's own ``id`` (not the OTEL ``trace_id`` column, which :meth:`list`
+        filters on).
+
+        Raises:
+            TraceNotFound: No such trace in that organization.
+        """
+        statement = select(TABLE).where(TABLE.c.organization_id == organization_id, TABLE.c.id == trace_id).limit(1)
+        with database_errors(f"reading trace {trace_id!r}"), self.engine.connect() as connection:
+            row = connection.execute(statement).first()
+        if row is None:
+            raise TraceNotFound(f"No trace with id {trace_id!r} in organization {organization_id!r}.")
+        return trace_from_row(row)
+
+    def list(
+        self,
+        organization_id: str,
+        *,
+        agent_id: str | None = None,
+        project_id: str | None = None,
+        run_id: str | None = None,
+        step_id: str | None = None,
+        trace_id: str | None = None,
+        model: str | None = None,
+        provider: str | None = None,
+        call_type: str | None = None,
+        is_error: bool | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> TracePage:
+        """Return one page of an organization's traces, newest first.
+
+        Pagination is keyset-based on ``(created_at, id)``: pages do not shift when newer traces arrive
+        between two calls. A cursor only works with the organization and filters it was issued for.
+
+        Args:
+            organization_id: The organization whose traces to list.
+            agent_id: Only this agent's traces (likewise ``project_id``, ``run_id``, ``step_id``, ``model``,
+                ``provider``, ``call_type``, ``is_error``).
+            trace_id: Only traces with this OTEL trace id.
+            since: Only traces created at or after this instant.
+            until: Only traces created before this instant.
+            limit: Page size, 1 to 10,000.
+            cursor: ``next_cursor`` of the previous page.
+
+        Raises:
+            InvalidCursor: The cursor is malformed or belongs to another organization or other filters.
+        """
+        if not 1 <= limit <= MAX_PAGE_SIZE:
+            raise ValueError(f"limit must be between 1 and {MAX_PAGE_SIZE}, got {limit}")
+        trace_filter = TraceFilter(
+            organization_id=organization_id, agent_id=agent_id, project_id=project_id, run_id=run_id,
+            step_id=step_id, trace_id=trace_id, model=model, provider=provider, call_type=call_type,
+            is_error=is_error, since=since, until=until,
+        )  # fmt: skip
+        fingerprint = trace_filter.fingerprint()
+        statement = trace_filter.apply(select(TABLE))
+        if cursor is not None:
+            position = decode_cursor(cursor, organization_id=organization_id, fingerprint=fingerprint)
+            statement = statement.where(position.after())
+        statement = statement.order_by(TABLE.c.created_at.desc(), TABLE.c.id.desc()).limit(limit + 1)
+        with database_errors("listing traces"), self.engine.connect() as connection:
+            rows = connection.execute(statement).all()
+        items = [trace_from_row(row) for row in rows[:limit]]
+        next_cursor = None
+        if len(rows) > limit:
+            last = items[-1]
+            next_cursor = encode_cursor(
+                Position(created_at=last.created_at, id=last.id),
+                organization_id=organization_id,
+                fingerprint=fingerprint,
+            )
+        return TracePage(items=items, next_cursor=next_cursor)
+
+    def count(self, organization_id: str, **filters: Any) -> int:
+        """Count an organization's traces matching the same filters as :meth:`list` (keyword arguments)."""
+        trace_filter = _filter(organization_id, filters)
+        with database_errors("counting traces"), self.engine.connect() as connection:
+            return int(connection.execute(trace_filter.apply(select(func.count()).select_from(TABLE))).scalar_one())
+
+    # -- reports ------------------------------------------------------------------------------------------
+
+    def usage(
+        self,
+        *,
+        organization_id: str | None = None,
+        group_by: Sequence[str] = ("model",),
+        since: datetime | None = None,
+        until: datetime | None = None,
+        granularity: str | None = None,
+        **filters: Any,
+    ) -> builtins.list[UsageRow]:
+        """Token, byte, error and latency totals per group (and per time bucket).
+
+        Args:
+            organization_id: One organization, or ``None`` for all of them (the operator's view).
+            group_by: Any of organization_id, project_id, agent_id, model, provider, call_type, is_byok,
+                is_error; ``()`` for one grand total.
+            since: Only traces created at or after this instant.
+            until: Only traces created before this instant.
+            granularity: ``"hour"``, ``"day"`` or ``"month"`` to add a UTC time bucket, or ``None``.
+            **filters: The filters of :meth:`list` (agent_id, model, is_error, ...).
+
+        Returns:
+            One :class:`UsageRow` per group, ordered by bucket then group keys.
+        """
+        keys = validate_grouping(group_by, granularity)
+        trace_filter = _filter(organization_id, {**filters, "since": since, "until": until})
+        statement = trace_filter.apply(usage_statement(keys, granularity))
+        with database_errors("computing usage"), self.engine.connect() as connection:
+            rows = connection.execute(statement).mappings().all()
+        return [usage_row(row, keys, granularity) for row in rows]
+
+    # -- deletes ------------------------------------------------------------------------------------------
+
+    def delete(
+        self,
+        organization_id: str,
+        *,
+        agent_id: str | None = None,
+        run_id: str | None = None,
+        before: datetime | None = None,
+    ) -> int:
+        """Permanently remove an organization's traces (all, or one agent's, one run's, or those before a time).
+
+        The rows are rewritten out of their data parts (a synchronous ``ALTER TABLE ... DELETE``), not merely
+        hidden, which is what an erasure request needs. The method then reads again and raises if any
+        matching row is still visible.
+
+        Returns:
+            The number of traces removed.
+
+        Raises:
+            DatabaseError: ClickHouse failed, or matching rows were still found afterwards.
+        """
+        trace_filter = TraceFilter(organization_id=organization_id, agent_id=agent_id, run_id=run_id, until=before)
+        counting = trace_filter.apply(select(func.count()).select_from(TABLE))
+        removal = delete(TABLE).where(*trace_filter.clauses())
+        with database_errors("deleting traces"), self.engine.connect() as connection:
+            matching = int(connection.execute(counting).scalar_one())
+            if matching:
+                connection.execute(removal.execution_options(settings={"mutations_sync": 2}))
+            remaining = int(connection.execute(counting).scalar_one())
+        if remaining:
+            raise DatabaseError(f"{remaining} matching trace(s) are still present after the delete; retry it.")
+        return matching
+
+
+def _filter(organization_id: str | None, filters: Mapping[str, Any]) -> TraceFilter:
+    try:
+        return TraceFilter(organization_id=organization_id, **filters)
+    except TypeError as exc:
+        accepted = ", ".join(name for name in TraceFilter.__dataclass_fields__ if name != "organization_id")
+        raise TypeError(f"{exc}; the accepted filters are {accepted}") from exc
+
+
+def batch_token(identities: Sequence[tuple[str, str]]) -> str:
+    """The insert deduplication token of a batch: a digest of its identities, in order.
+
+    A retry sends the same traces in the same order and so gets the same token. Lengths are part of the
+    digest, so no two different lists of identities can be written the same way.
+    """
+    digest = hashlib.sha256()
+    for organization_id, trace_id in identities:
+        digest.update(f"{len(organization_id)}:{organization_id}{len(trace_id)}:{trace_id}".encode())
+    return digest.hexdigest()
+
+
+def validate_traces(items: Iterable[TraceInput], *, start: int) -> builtins.list[LLMTrace]:
+    """Validate every item, collecting all problems before raising.
+
+    Args:
+        items: Traces or mappings of their fields.
+        start: Index of the first item within the caller's whole input, for the error report.
+
+    Raises:
+        TraceValidationError: At least one item is invalid.
+    """
+    traces: builtins.list[LLMTrace] = []
+    problems: builtins.list[tuple[int, str, str]] = []
+    for index, item in enumerate(items, start):
+        if isinstance(item, LLMTrace):
+            traces.append(item)
+        elif isinstance(item, Mapping):
+            try:
+                traces.append(LLMTrace.model_validate(item))
+            except ValidationError as exc:
+                for error in exc.errors():
+                    field = ".".join(str(part) for part in error["loc"]) or "(item)"
+                    problems.append((index, field, error["msg"]))
+        else:
+            problems.append((index, "(item)", f"expected an LLMTrace or a mapping, got {type(item).__name__}"))
+    if problems:
+        raise TraceValidationError(problems)
+    return traces
+
+
+def validated_batches(items: Iterable[TraceInput], batch_size: int) -> Iterator[builtins.list[LLMTrace]]:
+    """Consume ``items`` in batches of ``batch_size``, validating each before yielding it."""
+    iterator = iter(items)
+    start = 0
+    while chunk := builtins.list(islice(iterator, batch_size)):
+        yield validate_traces(chunk, start=start)
+        start += len(chunk)

@@ -1,0 +1,141 @@
+"""TraceRepository writes: exactly once, atomic validation, lossless round trip."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import Engine, text
+
+from llmtrace import LLMTrace, TraceRepository, TraceValidationError
+from llmtrace.engine import driver_client
+from llmtrace.stored_lookup import stored_identities
+from tests.factories import make_trace
+from tests.strategies import llm_traces
+
+
+@pytest.fixture
+def repository(migrated_engine: Engine) -> TraceRepository:
+    return TraceRepository(migrated_engine)
+
+
+def stored_rows(engine: Engine) -> int:
+    with engine.connect() as connection:
+        return int(connection.execute(text("SELECT count() FROM llm_traces")).scalar_one())
+
+
+def test_add_then_get(repository: TraceRepository) -> None:
+    trace = make_trace(1)
+    repository.add(trace)
+    assert repository.get("org-1", trace.id) == trace
+
+
+def test_same_batch_three_times_is_stored_once(repository: TraceRepository, migrated_engine: Engine) -> None:
+    batch = [make_trace(i) for i in range(500)]
+    assert repository.add_many(batch, batch_size=200) == 500
+    assert repository.add_many(batch, batch_size=200) == 0
+    assert repository.add_many(batch, batch_size=200) == 0
+    assert stored_rows(migrated_engine) == 500
+
+
+def test_identical_retries_are_deduplicated_by_clickhouse_alone(
+    repository: TraceRepository, migrated_engine: Engine
+) -> None:
+    # Without the lookup, only the insert deduplication token stands between a retry and a second copy.
+    batch = [make_trace(i) for i in range(300)]
+    for _ in range(3):
+        repository.add_many(batch, batch_size=100, skip_stored=False)
+    assert stored_rows(migrated_engine) == 300
+
+
+def test_without_the_lookup_overlapping_batches_duplicate(repository: TraceRepository, migrated_engine: Engine) -> None:
+    # The documented limit of skip_stored=False: a different batch is a different block to ClickHouse.
+    repository.add_many([make_trace(i) for i in range(10)], skip_stored=False)
+    repository.add_many([make_trace(i) for i in range(5, 15)], skip_stored=False)
+    assert stored_rows(migrated_engine) == 20
+
+
+def test_overlapping_batches_store_each_trace_once(repository: TraceRepository, migrated_engine: Engine) -> None:
+    assert repository.add_many([make_trace(i) for i in range(0, 100)]) == 100
+    assert repository.add_many([make_trace(i) for i in range(50, 150)]) == 50
+    assert repository.add_many([make_trace(i) for i in range(25, 175)], batch_size=40) == 25
+    with migrated_engine.connect() as connection:
+        ids = connection.execute(text("SELECT id, count() FROM llm_traces GROUP BY id HAVING count() > 1")).all()
+    assert ids == []
+    assert stored_rows(migrated_engine) == 175
+
+
+def test_repeats_within_a_call_are_written_once(repository: TraceRepository, migrated_engine: Engine) -> None:
+    first = make_trace(1, model="first")
+    assert repository.add_many([first, make_trace(2), make_trace(1, model="second"), make_trace(2)]) == 2
+    assert repository.get("org-1", first.id).model == "first"
+
+
+def test_same_id_in_two_organizations_is_two_traces(repository: TraceRepository) -> None:
+    assert repository.add_many([make_trace(1, organization_id="a"), make_trace(1, organization_id="b")]) == 2
+
+
+def test_literal_lookup_agrees_with_the_staging_table(repository: TraceRepository, migrated_engine: Engine) -> None:
+    repository.add_many([make_trace(i) for i in range(0, 60, 2)])
+    wanted = [("org-1", make_trace(i).id) for i in range(60)] + [("org-2", make_trace(0).id)]
+    with migrated_engine.connect() as connection:
+        client = driver_client(connection)
+        staged = stored_identities(client, wanted)
+        literal = stored_identities(client, wanted, staging=False)
+    assert staged == literal == {("org-1", make_trace(i).id) for i in range(0, 60, 2)}
+
+
+def test_dicts_are_validated_like_the_model(repository: TraceRepository) -> None:
+    values = make_trace(3).model_dump()
+    repository.add_many([values])
+    assert repository.get("org-1", values["id"]) == LLMTrace(**values)
+
+
+def test_an_invalid_item_writes_nothing_and_every_problem_is_listed(
+    repository: TraceRepository, migrated_engine: Engine
+) -> None:
+    good = make_trace(0).model_dump()
+    batch: list[object] = [
+        good,
+        {**make_trace(1).model_dump(), "prompt_tokens": -3},
+        make_trace(2),
+        {**make_trace(3).model_dump(), "model": None, "latency_ms": "slow"},
+        "not a trace",
+    ]
+    with pytest.raises(TraceValidationError) as caught:
+        repository.add_many(batch, batch_size=2)  # type: ignore[arg-type]
+    problems = {(index, field) for index, field, _ in caught.value.problems}
+    assert problems == {(1, "prompt_tokens"), (3, "model"), (3, "latency_ms"), (4, "(item)")}
+    message = str(caught.value)
+    assert "3 invalid trace(s); nothing from this batch was written" in message
+    assert "item 1, prompt_tokens: Input should be greater than or equal to 0" in message
+    assert "item 4, (item): expected an LLMTrace or a mapping, got str" in message
+    assert stored_rows(migrated_engine) == 0
+
+
+def test_a_generator_stops_at_the_invalid_batch(repository: TraceRepository, migrated_engine: Engine) -> None:
+    def traces() -> Iterator[object]:
+        yield from (make_trace(i) for i in range(10))
+        yield {"id": "broken"}
+
+    with pytest.raises(TraceValidationError) as caught:
+        repository.add_many(traces(), batch_size=4)  # type: ignore[arg-type]
+    assert {index for index, _, _ in caught.value.problems} == {10}
+    assert caught.value.__notes__ == ["8 trace(s) from earlier batches of this call were already written."]
+    assert stored_rows(migrated_engine) == 8
+
+
+def test_batch_size_must_be_positive(repository: TraceRepository) -> None:
+    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
+        repository.add_many([make_trace(1)], batch_size=0)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(traces=st.lists(llm_traces(), min_size=1, max_size=8))
+def test_any_valid_traces_round_trip(repository: TraceRepository, traces: list[LLMTrace]) -> None:
+    batch = [trace.model_copy(update={"id": f"{uuid.uuid4().hex}-{trace.id}"}) for trace in traces]
+    assert repository.add_many(batch) == len(batch)
+    assert [repository.get(trace.organization_id, trace.id) for trace in batch] == batch
