@@ -33,6 +33,8 @@ format: install
 
 bench: install
 	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/reads.py
+	$(BIN)/python benchmarks/memory.py
 
 clean:
 	rm -rf $(VENV) .llmtrace .pytest_cache .mypy_cache .ruff_cache .hypothesis

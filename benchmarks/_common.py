@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import statistics
 import tempfile
 import time
@@ -14,7 +16,9 @@ from sqlalchemy import Engine, text
 from llmtrace import get_engine
 from llmtrace.migrations import upgrade
 
-SCRATCH = Path(tempfile.gettempdir()) / "llmtrace-benchmarks"
+# One scratch directory per benchmark process: chDB allows one process per data directory.
+SCRATCH = Path(tempfile.mkdtemp(prefix="llmtrace-bench-"))
+atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
 
 
 def fresh_engine() -> Engine:

@@ -5,17 +5,18 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
-
-from llmtrace.conversion import trace_to_record
-from llmtrace.engine import get_engine
+from llmtrace.engine import get_engine, redacted, resolve_url
 from llmtrace.errors import LLMTraceError
 from llmtrace.migrations import upgrade
-from llmtrace.record import LLMTraceRecord
+from llmtrace.repository import TraceRepository
 from llmtrace.synthetic import synthetic_traces
+from llmtrace.usage import UsageRow
+
+ResultT = TypeVar("ResultT")
 
 
 def migrate(url: str | None) -> None:
@@ -24,29 +25,51 @@ def migrate(url: str | None) -> None:
     print("Schema is at the newest revision.")
 
 
-def demo(url: str | None, traces: int) -> None:
-    engine = get_engine(url)
-    upgrade(engine)
+def timed_step(name: str, timings: dict[str, float], action: Callable[[], ResultT]) -> ResultT:
     started = time.perf_counter()
-    with Session(engine) as session:
-        session.add_all(trace_to_record(t) for t in synthetic_traces(traces, payload_bytes=(200, 2_000)))
-        session.commit()
-    print(f"Inserted {traces} traces through the ORM in {time.perf_counter() - started:.2f}s.\n")
-    statement = (
-        select(
-            LLMTraceRecord.model,
-            func.count().label("requests"),
-            func.sum(LLMTraceRecord.total_tokens).label("tokens"),
-            func.avg(LLMTraceRecord.latency_ms).label("latency"),
-        )
-        .group_by(LLMTraceRecord.model)
-        .order_by(LLMTraceRecord.model)
+    result = action()
+    timings[name] = time.perf_counter() - started
+    return result
+
+
+def demo(url: str | None, traces: int, seed: int | None) -> None:
+    """Migrate, write generated traces through the repository, and print the last day's usage."""
+    timings: dict[str, float] = {}
+    engine = get_engine(url)
+    print(f"Database: {redacted(resolve_url(url))}")
+    timed_step("migrate (alembic upgrade head)", timings, lambda: upgrade(engine))
+    repository = TraceRepository(engine)
+    generated = synthetic_traces(traces, organizations=3, agents_per_organization=4, seed=seed)
+    written = timed_step(
+        f"write {traces:,} traces (add_many)", timings, lambda: repository.add_many(generated, progress=True)
     )
-    with engine.connect() as connection:
-        rows = connection.execute(statement).all()
-    print(f"{'model':<20}{'requests':>10}{'tokens':>14}{'avg ms':>10}")
+    print(f"Wrote {written:,} traces ({written / timings[next(reversed(timings))]:,.0f} traces/s).\n")
+
+    since = datetime.now(UTC) - timedelta(days=1)
+    by_model = timed_step("usage by model", timings, lambda: repository.usage(group_by=("model",), since=since))
+    print_usage("Last 24 hours, all organizations, by model", by_model, "model")
+    by_agent = timed_step(
+        "usage by agent", timings, lambda: repository.usage(group_by=("organization_id", "agent_id"), since=since)
+    )
+    print_usage("Last 24 hours, by agent", by_agent, "agent_id")
+
+    print("Time per step:")
+    for name, seconds in timings.items():
+        print(f"  {name:<36} {seconds:8.2f} s")
+
+
+def print_usage(title: str, rows: Sequence[UsageRow], key: str) -> None:
+    print(title)
+    header = f"  {key:<20}{'requests':>10}{'errors':>8}{'prompt tok':>14}{'compl. tok':>12}{'cached tok':>12}"
+    print(header + f"{'MB in':>9}{'p50 ms':>9}{'p95 ms':>9}")
     for row in rows:
-        print(f"{row.model:<20}{row.requests:>10}{row.tokens:>14}{row.latency:>10.0f}")
+        cached = "-" if row.cached_input_tokens is None else f"{row.cached_input_tokens:,}"
+        print(
+            f"  {row.group[key] or '(none)':<20}{row.requests:>10,}{row.errors:>8,}{row.prompt_tokens:>14,}"
+            f"{row.completion_tokens:>12,}{cached:>12}{row.request_bytes / 1e6:>9.1f}"
+            f"{row.latency_p50_ms:>9.0f}{row.latency_p95_ms:>9.0f}"
+        )
+    print()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,13 +78,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("migrate", help="upgrade the schema to the newest revision")
     demo_parser = commands.add_parser("demo", help="write generated traces and print a usage report")
-    demo_parser.add_argument("--traces", type=int, default=1_000, help="how many traces to generate")
+    demo_parser.add_argument("--traces", type=int, default=100_000, help="how many traces to generate")
+    demo_parser.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one)")
     args = parser.parse_args(argv)
     try:
         if args.command == "migrate":
             migrate(args.url)
         else:
-            demo(args.url, args.traces)
+            demo(args.url, args.traces, args.seed)
     except LLMTraceError as exc:
         print(f"llmtrace: {exc}", file=sys.stderr)
         return 2

@@ -104,7 +104,7 @@ def get_engine(url: str | URL | None = None, **engine_kwargs: Any) -> Engine:
         parsed = make_url(raw)
     except ArgumentError as exc:
         raise ConfigurationError(
-            f"Cannot parse the database URL {_redacted(raw)!r}: {exc}. "
+            f"Cannot parse the database URL {redacted(raw)!r}: {exc}. "
             "Expected chdb:///dir for the embedded engine or clickhousedb://user:pass@host:8123/db for a server."
         ) from exc
     if parsed.drivername == EMBEDDED_SCHEME:
@@ -118,7 +118,7 @@ def get_engine(url: str | URL | None = None, **engine_kwargs: Any) -> Engine:
     )
 
 
-def _redacted(raw: str) -> str:
+def redacted(raw: str) -> str:
     return re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", raw)
 
 

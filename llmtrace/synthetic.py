@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import uuid
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ def synthetic_traces(
     payload_bytes: tuple[int, int] = (200, 50_000),
     end: datetime | None = None,
     span: timedelta = timedelta(days=1),
-    seed: int = 0,
+    seed: int | None = 0,
 ) -> Iterator[LLMTrace]:
     """Yield ``count`` traces spread over ``span`` before ``end`` (default: now), reproducible by ``seed``.
 
@@ -37,19 +38,21 @@ def synthetic_traces(
         count: How many traces to generate.
         organizations: Distinct organization ids.
         agents_per_organization: Distinct agent ids per organization.
-        payload_bytes: Inclusive range of the request payload size; responses are a quarter of it.
+        payload_bytes: Range of the request payload size, drawn log-uniformly (most calls are small, a few
+            are large, as in real traffic); responses are a quarter of it.
         end: Latest possible ``created_at``.
         span: How far before ``end`` the earliest trace may be.
-        seed: Seed of the random generator, so runs can be compared.
+        seed: Seed of the random generator, so runs can be compared; ``None`` for a fresh one.
     """
     rng = random.Random(seed)
     end = end or datetime.now(UTC)
+    low, high = math.log(payload_bytes[0]), math.log(payload_bytes[1])
     filler = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(payload_bytes[1]))
     for _ in range(count):
         provider, model = rng.choice(MODELS)
         organization = rng.randrange(organizations)
         agent = rng.randrange(agents_per_organization)
-        size = rng.randint(*payload_bytes)
+        size = round(math.exp(rng.uniform(low, high)))
         is_error = rng.random() < 0.02
         prompt = rng.randint(50, 20_000)
         yield LLMTrace(

@@ -1,0 +1,196 @@
+"""TraceRepository reads: tenant isolation, filters, keyset pagination, hostile values, deletes, errors."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import Engine, text
+
+from llmtrace import DatabaseError, InvalidCursor, LLMTrace, TraceNotFound, TraceRepository
+from llmtrace.filters import TraceFilter
+from tests.factories import BASE_TIME, make_trace
+
+
+@pytest.fixture
+def repository(migrated_engine: Engine) -> TraceRepository:
+    return TraceRepository(migrated_engine)
+
+
+def list_all(repository: TraceRepository, organization_id: str, limit: int = 7, **filters: object) -> list[LLMTrace]:
+    items: list[LLMTrace] = []
+    cursor = None
+    while True:
+        page = repository.list(organization_id, limit=limit, cursor=cursor, **filters)  # type: ignore[arg-type]
+        items.extend(page.items)
+        if page.next_cursor is None:
+            return items
+        cursor = page.next_cursor
+
+
+def newest_first(traces: list[LLMTrace]) -> list[LLMTrace]:
+    return sorted(traces, key=lambda t: (t.created_at, t.id), reverse=True)
+
+
+def test_get_of_a_missing_trace(repository: TraceRepository) -> None:
+    with pytest.raises(TraceNotFound, match="No trace with id 'nope' in organization 'org-1'"):
+        repository.get("org-1", "nope")
+
+
+def test_pagination_returns_everything_once_newest_first(repository: TraceRepository) -> None:
+    # Several traces share a created_at (ties broken by id) and others differ by one microsecond.
+    traces = [make_trace(i, created_at=BASE_TIME + timedelta(microseconds=i // 3)) for i in range(100)]
+    repository.add_many(traces)
+    assert list_all(repository, "org-1") == newest_first(traces)
+
+
+def test_pages_are_stable_while_newer_traces_arrive(repository: TraceRepository) -> None:
+    traces = [make_trace(i) for i in range(30)]
+    repository.add_many(traces)
+    first = repository.list("org-1", limit=10)
+    repository.add_many([make_trace(i, created_at=BASE_TIME + timedelta(hours=1, seconds=i)) for i in range(100, 110)])
+    second = repository.list("org-1", limit=10, cursor=first.next_cursor)
+    assert first.items + second.items == newest_first(traces)[:20]
+
+
+def test_filters(repository: TraceRepository) -> None:
+    traces = [make_trace(i, is_error=i % 5 == 0) for i in range(60)]
+    repository.add_many(traces)
+    checks: list[tuple[dict[str, object], list[LLMTrace]]] = [
+        ({"agent_id": "agent-1"}, [t for t in traces if t.agent_id == "agent-1"]),
+        ({"model": "gpt-4.1", "is_error": False}, [t for t in traces if t.model == "gpt-4.1" and not t.is_error]),
+        ({"provider": "anthropic"}, [t for t in traces if t.provider == "anthropic"]),
+        ({"run_id": "run-2"}, [t for t in traces if t.run_id == "run-2"]),
+        ({"step_id": "step-7"}, [traces[7]]),
+        ({"trace_id": traces[9].trace_id}, [traces[9]]),
+        ({"project_id": "proj-1", "call_type": "agent_step"}, traces),
+        ({"is_error": True}, [t for t in traces if t.is_error]),
+        (
+            {"since": BASE_TIME + timedelta(seconds=10), "until": BASE_TIME + timedelta(seconds=20)},
+            [
+                t
+                for t in traces
+                if BASE_TIME + timedelta(seconds=10) <= t.created_at < BASE_TIME + timedelta(seconds=20)
+            ],
+        ),
+    ]
+    for filters, expected in checks:
+        assert list_all(repository, "org-1", limit=50, **filters) == newest_first(expected), filters
+        assert repository.count("org-1", **filters) == len(expected), filters
+
+
+def test_naive_and_aware_bounds_mean_the_same_instant(repository: TraceRepository) -> None:
+    repository.add_many([make_trace(i) for i in range(20)])
+    naive = BASE_TIME.replace(tzinfo=None) + timedelta(seconds=5)
+    aware = (BASE_TIME + timedelta(seconds=5)).astimezone(datetime.now().astimezone().tzinfo)
+    assert repository.count("org-1", since=naive) == repository.count("org-1", since=aware) == 15
+
+
+def test_no_read_returns_another_organizations_traces(repository: TraceRepository) -> None:
+    mine = [make_trace(i, organization_id="org-a") for i in range(20)]
+    theirs = [make_trace(100 + i, organization_id="org-b", agent_id="agent-1") for i in range(20)]
+    repository.add_many(mine + theirs)
+    assert all(t.organization_id == "org-a" for t in list_all(repository, "org-a"))
+    assert repository.count("org-a") == 20
+    with pytest.raises(TraceNotFound):
+        repository.get("org-a", theirs[0].id)
+    (usage,) = repository.usage(organization_id="org-a", group_by=())
+    assert usage.requests == 20
+
+    their_cursor = repository.list("org-b", limit=5).next_cursor
+    assert their_cursor is not None
+    with pytest.raises(InvalidCursor, match="issued for another organization"):
+        repository.list("org-a", cursor=their_cursor)
+
+    # A cursor forged to pass every check for org-a (fingerprints are not secret) still reads only org-a.
+    payload = json.loads(base64.urlsafe_b64decode(their_cursor + "=" * (-len(their_cursor) % 4)))
+    payload["o"] = "org-a"
+    payload["f"] = TraceFilter(organization_id="org-a").fingerprint()
+    payload["t"] = (BASE_TIME + timedelta(days=1)).isoformat()
+    forged = base64.urlsafe_b64encode(json.dumps(payload).encode()).decode()
+    page = repository.list("org-a", limit=100, cursor=forged)
+    assert page.items == newest_first(mine)
+
+
+def test_cursor_errors(repository: TraceRepository) -> None:
+    repository.add_many([make_trace(i) for i in range(10)])
+    cursor = repository.list("org-1", limit=3, model="gpt-4.1").next_cursor
+    assert cursor is not None
+    with pytest.raises(InvalidCursor, match="issued for other filters"):
+        repository.list("org-1", limit=3, cursor=cursor)
+    with pytest.raises(InvalidCursor, match="Malformed cursor"):
+        repository.list("org-1", cursor="definitely-not-a-cursor")
+
+
+def test_list_limit_is_checked(repository: TraceRepository) -> None:
+    with pytest.raises(ValueError, match="limit must be between 1 and 10000, got 0"):
+        repository.list("org-1", limit=0)
+
+
+HOSTILE = [
+    "it's",
+    'say "hi"',
+    "back\\slash",
+    "\\'; DROP TABLE llm_traces; --",
+    "nul\x00byte",
+    "x' OR '1'='1",
+    "SELECT * FROM system.tables",
+    "%(organizations)s {id:String}",
+    "line\nbreak",
+]
+
+
+def test_hostile_values_are_stored_and_matched_verbatim(repository: TraceRepository, migrated_engine: Engine) -> None:
+    traces = [
+        make_trace(i, organization_id=value, agent_id=value, run_id=value, model=value, request_json=value)
+        for i, value in enumerate(HOSTILE)
+    ]
+    traces.append(make_trace(99, organization_id="x", agent_id="x"))
+    repository.add_many(traces)
+    assert repository.add_many(traces) == 0
+    for trace, value in zip(traces, HOSTILE, strict=False):
+        assert repository.get(value, trace.id) == trace
+        assert repository.list(value, agent_id=value, run_id=value, model=value).items == [trace]
+        assert repository.count(value, agent_id=value) == 1
+    with migrated_engine.connect() as connection:
+        assert connection.execute(text("SELECT count() FROM llm_traces")).scalar_one() == len(traces)
+
+
+def test_delete_by_agent_run_and_time(repository: TraceRepository) -> None:
+    traces = [make_trace(i) for i in range(60)] + [make_trace(i, organization_id="org-2") for i in range(60)]
+    repository.add_many(traces)
+    assert repository.delete("org-1", agent_id="agent-0") == 20
+    assert repository.count("org-1", agent_id="agent-0") == 0
+    assert repository.delete("org-1", run_id="run-1") == len([i for i in range(10, 20) if i % 3 != 0])
+    assert repository.delete("org-1", before=BASE_TIME + timedelta(seconds=30)) == len(
+        [i for i in range(30) if i % 3 != 0 and not 10 <= i < 20]
+    )
+    assert repository.count("org-2") == 60
+    assert repository.delete("org-1") == repository.count("org-1") + 20
+    assert repository.count("org-1") == 0
+    assert repository.delete("org-1") == 0
+
+
+def test_database_errors_are_mapped_with_the_cause(repository: TraceRepository, migrated_engine: Engine) -> None:
+    with migrated_engine.connect() as connection:
+        connection.execute(text("DROP TABLE llm_traces"))
+    with pytest.raises(DatabaseError, match="ClickHouse failed while reading trace 'x'") as caught:
+        repository.get("org-1", "x")
+    assert caught.value.__cause__ is not None
+    with pytest.raises(DatabaseError, match="ClickHouse failed while"):
+        repository.add(make_trace(1))
+
+
+def test_programming_errors_are_not_swallowed(repository: TraceRepository) -> None:
+    with pytest.raises(TypeError, match="the accepted filters are agent_id"):
+        repository.count("org-1", agnet_id="typo")
+    with pytest.raises(TypeError, match="since must be a datetime"):
+        repository.count("org-1", since="yesterday")
+
+
+def test_since_must_precede_until(repository: TraceRepository) -> None:
+    now = datetime.now(UTC)
+    with pytest.raises(ValueError, match="must be earlier than until"):
+        repository.count("org-1", since=now, until=now)
