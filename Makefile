@@ -35,6 +35,7 @@ bench: install
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/reads.py
 	$(BIN)/python benchmarks/memory.py
+	$(BIN)/python benchmarks/writer.py
 
 clean:
 	rm -rf $(VENV) .llmtrace .pytest_cache .mypy_cache .ruff_cache .hypothesis

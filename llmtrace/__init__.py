@@ -20,11 +20,13 @@ from llmtrace.pagination import TracePage
 from llmtrace.record import SKIP_INDEXES, LLMTraceRecord
 from llmtrace.repository import TraceRepository
 from llmtrace.usage import UsageRow
+from llmtrace.writer import AsyncTraceWriter, TraceWriter, WriterClosed, WriterEvent, WriterQueueFull, WriterStats
 
 __all__ = [
     "DEFAULT_URL",
     "ENV_VAR",
     "SKIP_INDEXES",
+    "AsyncTraceWriter",
     "ConfigurationError",
     "DatabaseError",
     "EmbeddedEngineError",
@@ -37,7 +39,12 @@ __all__ = [
     "TracePage",
     "TraceRepository",
     "TraceValidationError",
+    "TraceWriter",
     "UsageRow",
+    "WriterClosed",
+    "WriterEvent",
+    "WriterQueueFull",
+    "WriterStats",
     "get_engine",
     "record_to_trace",
     "resolve_url",
