@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 
-from _common import drop, fresh_engine, median, timed
+from _common import add_many_seconds, drop, fresh_engine, median, timed
 
 from llmtrace import LLMTrace, TraceRepository, TraceWriter
 from llmtrace.synthetic import synthetic_traces
@@ -77,14 +77,6 @@ def writer_seconds(traces: list[LLMTrace], batch_size: int) -> float:
 
     seconds = timed(run)
     assert writer.stats.written == len(traces), writer.stats
-    drop(engine)
-    return seconds
-
-
-def add_many_seconds(traces: list[LLMTrace], batch_size: int) -> float:
-    engine = fresh_engine()
-    repository = TraceRepository(engine)
-    seconds = timed(lambda: repository.add_many(traces, batch_size=batch_size))
     drop(engine)
     return seconds
 

@@ -1,69 +1,99 @@
 """Find which traces of a batch are already stored, so that overlapping batches are written once.
 
-The batch's identities travel to ClickHouse in the Native format through a session-scoped temporary table
-and are matched with a semi-join. Listing them as literals in the query text would be simpler, but the
-driver escapes literals character by character in Python and the server parses each one: measured on the
-embedded engine, 10,000 ids cost ~0.16 s that way against ~0.035 s through the temporary table.
+The batch's keys travel to ClickHouse in the Native format through a session-scoped temporary table and
+are matched with a semi-join on ``(organization_id, agent_id, created_at, id)``: the table's sort key plus
+the id. Matching on the sort key lets ClickHouse's primary-key analysis skip every granule that cannot hold
+one of the batch's traces, so the cost follows the batch, not the table (measured on 1M rows: 15 of 129
+granules read for a batch of new traces, against all 129 when matching on ``(organization_id, id)``). A
+re-sent trace has the same agent and creation time as its first copy, so this finds it.
 
-Temporary tables need a session. Where the server refuses one (e.g. a load balancer without sticky
-sessions), the lookup falls back to bound literals, logging once.
+Listing the keys as literals in the query text would be simpler, but the driver escapes literals character
+by character in Python and the server parses each one: 10,000 ids cost ~0.16 s that way against ~0.035 s
+through the temporary table. Temporary tables need a session; where the server refuses one (e.g. a load
+balancer without sticky sessions), the lookup falls back to bound literals matched on
+``(organization_id, id)`` (bound datetimes lose their microseconds), logging a warning.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
+from llmtrace.model import CLICKHOUSE_COLUMNS, LLMTrace
 from llmtrace.record import TABLE_NAME
 
 logger = logging.getLogger(__name__)
 
 Identity = tuple[str, str]
-STAGING_TABLE = "llmtrace_batch_identities"
+STAGING_TABLE = "llmtrace_batch_keys"
 # The literal fallback lists a batch's ids in the query text; 10,000 UUIDs exceed the default 256 KiB.
 LITERAL_SETTINGS = {"max_query_size": 64 * 1024 * 1024}
 
+STAGING_COLUMNS = ("organization_id", "agent_id", "created_at", "id")
 _CREATE_STAGING = (
-    f"CREATE TEMPORARY TABLE IF NOT EXISTS {STAGING_TABLE} (organization_id String, id String) ENGINE = Memory"
+    f"CREATE TEMPORARY TABLE IF NOT EXISTS {STAGING_TABLE} "
+    "(organization_id String, agent_id String, created_at DateTime64(6, 'UTC'), id String) ENGINE = Memory"
 )
 _SEMI_JOIN = (
     f"SELECT organization_id, id FROM {TABLE_NAME} "
-    f"WHERE organization_id IN (SELECT organization_id FROM {STAGING_TABLE}) "
-    f"AND id IN (SELECT id FROM {STAGING_TABLE}) "
-    f"AND (organization_id, id) IN (SELECT organization_id, id FROM {STAGING_TABLE})"
+    f"WHERE ({', '.join(STAGING_COLUMNS)}) IN (SELECT {', '.join(STAGING_COLUMNS)} FROM {STAGING_TABLE})"
 )
 _LITERALS = f"SELECT organization_id, id FROM {TABLE_NAME} WHERE organization_id IN %(organizations)s AND id IN %(ids)s"
 
 
-def stored_identities(client: Any, identities: Sequence[Identity], *, staging: bool = True) -> set[Identity]:
-    """Return the members of ``identities`` (``(organization_id, id)`` pairs) that the table already holds.
+@dataclass(frozen=True)
+class StoredKeys:
+    """The lookup keys of a batch, one list per key column, as stored (absent agent ids are ``''``).
+
+    ``created_at`` holds datetimes, or microseconds since the epoch (what DateTime64(6) stores).
+    """
+
+    organization_id: list[str]
+    agent_id: list[str]
+    created_at: list[datetime] | list[int]
+    id: list[str]
+
+    @classmethod
+    def from_columns(cls, columns: Sequence[list[Any]]) -> StoredKeys:
+        """Take the key columns out of ``LLMTrace.to_clickhouse_column_data`` output (no copying)."""
+        return cls(*(columns[CLICKHOUSE_COLUMNS.index(name)] for name in STAGING_COLUMNS))
+
+    @classmethod
+    def from_traces(cls, traces: Sequence[LLMTrace]) -> StoredKeys:
+        return cls.from_columns(LLMTrace.to_clickhouse_column_data(traces))
+
+    def identities(self) -> list[Identity]:
+        return list(zip(self.organization_id, self.id, strict=True))
+
+
+def stored_identities(client: Any, keys: StoredKeys, *, staging: bool = True) -> set[Identity]:
+    """Return the ``(organization_id, id)`` of the batch's traces that the table already holds.
 
     Args:
         client: The clickhouse-connect client of the connection that will write the batch.
-        identities: The batch's identities.
+        keys: The batch's lookup keys.
         staging: Use the temporary-table semi-join (falling back to literals if the server refuses it);
             ``False`` forces the literal query.
     """
-    if not identities:
+    if not keys.id:
         return set()
     if staging:
         try:
-            return _through_staging_table(client, identities)
+            return _through_staging_table(client, keys)
         except _session_errors() as exc:
             logger.warning("llmtrace: temporary tables are unavailable (%s); looking up ids as literals", exc)
-    return _through_literals(client, identities)
+    return _through_literals(client, keys.identities())
 
 
-def _through_staging_table(client: Any, identities: Sequence[Identity]) -> set[Identity]:
+def _through_staging_table(client: Any, keys: StoredKeys) -> set[Identity]:
     client.command(_CREATE_STAGING)
     client.command(f"TRUNCATE TABLE {STAGING_TABLE}")
-    organizations = [organization for organization, _ in identities]
-    ids = [trace_id for _, trace_id in identities]
-    client.insert(STAGING_TABLE, [organizations, ids], column_names=["organization_id", "id"], column_oriented=True)
-    found = {(organization, trace_id) for organization, trace_id in client.query(_SEMI_JOIN).result_rows}
-    client.command(f"TRUNCATE TABLE {STAGING_TABLE}")
-    return found
+    columns = [keys.organization_id, keys.agent_id, keys.created_at, keys.id]
+    client.insert(STAGING_TABLE, columns, column_names=list(STAGING_COLUMNS), column_oriented=True)
+    return {(organization, trace_id) for organization, trace_id in client.query(_SEMI_JOIN).result_rows}
 
 
 def _through_literals(client: Any, identities: Sequence[Identity]) -> set[Identity]:

@@ -31,6 +31,7 @@ def synthetic_traces(
     end: datetime | None = None,
     span: timedelta = timedelta(days=1),
     seed: int | None = 0,
+    in_time_order: bool = False,
 ) -> Iterator[LLMTrace]:
     """Yield ``count`` traces spread over ``span`` before ``end`` (default: now), reproducible by ``seed``.
 
@@ -43,12 +44,16 @@ def synthetic_traces(
         end: Latest possible ``created_at``.
         span: How far before ``end`` the earliest trace may be.
         seed: Seed of the random generator, so runs can be compared; ``None`` for a fresh one.
+        in_time_order: Yield traces oldest first, as a live service produces them (default: random order).
     """
     rng = random.Random(seed)
     end = end or datetime.now(UTC)
     low, high = math.log(payload_bytes[0]), math.log(payload_bytes[1])
     filler = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(payload_bytes[1]))
-    for _ in range(count):
+    ages = [rng.uniform(0, span.total_seconds()) for _ in range(count)]
+    if in_time_order:
+        ages.sort(reverse=True)
+    for age in ages:
         provider, model = rng.choice(MODELS)
         organization = rng.randrange(organizations)
         agent = rng.randrange(agents_per_organization)
@@ -79,5 +84,5 @@ def synthetic_traces(
             request_json=json.dumps({"model": model, "messages": [{"role": "user", "content": filler[:size]}]}),
             response_json=json.dumps({"content": filler[: size // 4]}),
             llm_config_json=json.dumps({"model": model, "temperature": 0.7}),
-            created_at=end - timedelta(seconds=rng.uniform(0, span.total_seconds())),
+            created_at=end - timedelta(seconds=age),
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -12,8 +13,8 @@ from sqlalchemy import Engine, text
 
 from llmtrace import LLMTrace, TraceRepository, TraceValidationError
 from llmtrace.engine import driver_client
-from llmtrace.stored_lookup import stored_identities
-from tests.factories import make_trace
+from llmtrace.stored_lookup import StoredKeys, stored_identities
+from tests.factories import BASE_TIME, make_trace
 from tests.strategies import llm_traces
 
 
@@ -74,18 +75,40 @@ def test_repeats_within_a_call_are_written_once(repository: TraceRepository, mig
     assert repository.get("org-1", first.id).model == "first"
 
 
+def test_repeats_across_batches_of_one_call_are_written_once(
+    repository: TraceRepository, migrated_engine: Engine
+) -> None:
+    def traces() -> Iterator[LLMTrace]:
+        yield from (make_trace(i) for i in range(10))
+        yield from (make_trace(i) for i in (3, 9, 10, 11, 0))
+
+    assert repository.add_many(traces(), batch_size=5) == 12
+    assert stored_rows(migrated_engine) == 12
+
+
 def test_same_id_in_two_organizations_is_two_traces(repository: TraceRepository) -> None:
     assert repository.add_many([make_trace(1, organization_id="a"), make_trace(1, organization_id="b")]) == 2
 
 
 def test_literal_lookup_agrees_with_the_staging_table(repository: TraceRepository, migrated_engine: Engine) -> None:
     repository.add_many([make_trace(i) for i in range(0, 60, 2)])
-    wanted = [("org-1", make_trace(i).id) for i in range(60)] + [("org-2", make_trace(0).id)]
+    batch = [make_trace(i) for i in range(60)] + [make_trace(0, organization_id="org-2")]
     with migrated_engine.connect() as connection:
         client = driver_client(connection)
-        staged = stored_identities(client, wanted)
-        literal = stored_identities(client, wanted, staging=False)
+        staged = stored_identities(client, StoredKeys.from_traces(batch))
+        literal = stored_identities(client, StoredKeys.from_traces(batch), staging=False)
     assert staged == literal == {("org-1", make_trace(i).id) for i in range(0, 60, 2)}
+
+
+def test_the_lookup_matches_on_sort_key_and_id(repository: TraceRepository, migrated_engine: Engine) -> None:
+    # Documented limit: a copy with the same id but another created_at or agent is not "the same trace" to the
+    # staging lookup (the literal fallback, matching on organization and id, does find it).
+    repository.add(make_trace(1))
+    moved = [make_trace(1, created_at=BASE_TIME + timedelta(days=1)), make_trace(1, agent_id="other")]
+    with migrated_engine.connect() as connection:
+        client = driver_client(connection)
+        assert stored_identities(client, StoredKeys.from_traces(moved)) == set()
+        assert stored_identities(client, StoredKeys.from_traces(moved), staging=False) == {("org-1", make_trace(1).id)}
 
 
 def test_dicts_are_validated_like_the_model(repository: TraceRepository) -> None:
