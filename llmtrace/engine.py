@@ -17,6 +17,7 @@ import fcntl
 import importlib.util
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,11 +120,13 @@ def get_engine(url: str | URL | None = None, **engine_kwargs: Any) -> Engine:
 
 
 def redacted(raw: str) -> str:
+    """``raw`` with the password of a ``user:password@`` URL replaced by ``***``, for messages and logs."""
     return re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", raw)
 
 
 # chDB hosts one data directory per process; remember which one this process opened and the lock it holds.
 _held_locks: dict[Path, int] = {}
+_held_locks_guard = threading.Lock()
 
 
 def _embedded_engine(target: EmbeddedTarget, engine_kwargs: dict[str, Any]) -> Engine:
@@ -160,6 +163,11 @@ def _prepare_directory(directory: Path) -> None:
 
 
 def _lock_directory(directory: Path) -> None:
+    with _held_locks_guard:
+        _lock_directory_once(directory)
+
+
+def _lock_directory_once(directory: Path) -> None:
     if directory in _held_locks:
         return
     if _held_locks:
