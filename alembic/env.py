@@ -10,6 +10,7 @@ pass ``config.attributes["target_metadata"]`` to autogenerate against an extende
 from __future__ import annotations
 
 import os
+from logging.config import fileConfig
 
 from alembic import context
 from clickhouse_connect.cc_sqlalchemy.alembic import clickhouse_writer, include_object
@@ -19,6 +20,10 @@ from llmtrace.engine import DEFAULT_URL, ENV_VAR, get_engine
 from llmtrace.record import Base
 
 config = context.config
+if config.config_file_name is not None and "connection" not in config.attributes:
+    # The alembic command line: log as alembic.ini says ("Running upgrade ..."). Code that passes its own
+    # connection keeps its own logging configuration.
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
 target_metadata = config.attributes.get("target_metadata", Base.metadata)
 
 CONFIGURE_OPTIONS = {

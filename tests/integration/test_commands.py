@@ -1,0 +1,79 @@
+"""The command lines a user runs: alembic, llmtrace migrate/demo, and behaviour under a non-UTC process zone.
+
+Each runs in a child process with its own embedded directory (this test process holds its own).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from llmtrace.migrations import PROJECT_ROOT
+
+BIN = Path(sys.executable).parent
+
+
+def run(command: list[str], url: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "LLMTRACE_DATABASE_URL": url, **env},
+    )
+
+
+def test_alembic_command_line_round_trip(tmp_path: Path) -> None:
+    alembic = str(BIN / "alembic")
+    script = f"{alembic} upgrade head && {alembic} downgrade base && {alembic} upgrade head && {alembic} check"
+    result = run(["bash", "-c", script], f"chdb:///{tmp_path / 'db'}")
+    assert result.returncode == 0, result.stderr
+    assert "Running upgrade  -> 0001" in result.stderr
+    assert "Running downgrade 0001 -> " in result.stderr
+    assert "No new upgrade operations detected." in result.stdout
+
+
+def test_llmtrace_demo_runs_the_main_job(tmp_path: Path) -> None:
+    result = run([str(BIN / "llmtrace"), "demo", "--traces", "500", "--seed", "1"], f"chdb:///{tmp_path / 'db'}")
+    assert result.returncode == 0, result.stderr
+    assert "Wrote 500 traces" in result.stdout
+    assert "Last 24 hours, all organizations, by model" in result.stdout
+    assert "write 500 traces (add_many)" in result.stdout
+
+
+def test_llmtrace_reports_configuration_errors_without_a_traceback() -> None:
+    result = run([str(BIN / "llmtrace"), "migrate"], "postgresql://user:secret@db/app")
+    assert result.returncode == 2
+    assert result.stderr.startswith("llmtrace: Unsupported database URL scheme 'postgresql'")
+    assert "Traceback" not in result.stderr
+
+
+NON_UTC_ROUND_TRIP = """
+import sys
+from datetime import datetime, timezone, timedelta
+from llmtrace import TraceRepository, get_engine
+from llmtrace.migrations import upgrade
+from tests.factories import make_trace
+engine = get_engine(sys.argv[1])
+upgrade(engine)
+repository = TraceRepository(engine)
+traces = [
+    make_trace(1, created_at=datetime(2026, 3, 29, 1, 30, 0, 123456)),
+    make_trace(2, created_at=datetime(2026, 7, 1, 23, 59, 59, 999999, tzinfo=timezone(timedelta(hours=-7)))),
+]
+repository.add_many(traces)
+assert [repository.get("org-1", t.id) for t in traces] == traces, "round trip changed the instant"
+page = repository.list("org-1", since=datetime(2026, 7, 2, 6, 59, 59, 999999), limit=5)
+assert [t.id for t in page.items] == [traces[1].id], page.items
+print("ok")
+"""
+
+
+def test_round_trip_is_exact_when_the_process_zone_is_not_utc(tmp_path: Path) -> None:
+    result = run([sys.executable, "-c", NON_UTC_ROUND_TRIP, f"chdb:///{tmp_path / 'db'}"], "", TZ="America/New_York")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
