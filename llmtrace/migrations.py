@@ -17,21 +17,30 @@ from sqlalchemy import Connection, Engine
 from llmtrace.errors import MigrationError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-ALEMBIC_INI = PROJECT_ROOT / "alembic.ini"
+# In a checkout (or an editable install) the scripts are the repository's alembic/; a built wheel carries
+# the same files as llmtrace/_alembic.
+SCRIPT_LOCATIONS = (PROJECT_ROOT / "alembic", Path(__file__).resolve().parent / "_alembic")
+
+
+def script_location() -> Path:
+    """The directory of llmtrace's Alembic environment and versions.
+
+    Raises:
+        MigrationError: Neither a checkout's alembic/ nor the packaged copy is present.
+    """
+    for location in SCRIPT_LOCATIONS:
+        if (location / "env.py").is_file():
+            return location
+    raise MigrationError(
+        f"llmtrace's migration scripts were not found (looked in {', '.join(map(str, SCRIPT_LOCATIONS))}); "
+        "reinstall llmtrace."
+    )
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
-    """Return the Alembic configuration of llmtrace's migrations, optionally bound to a live connection.
-
-    Raises:
-        MigrationError: The migration scripts are not next to the package (e.g. an install without them).
-    """
-    if not ALEMBIC_INI.is_file():
-        raise MigrationError(
-            f"llmtrace's Alembic configuration was not found at {ALEMBIC_INI}. Run migrations from a checkout "
-            "of the llmtrace repository (or an editable install of it), where alembic.ini and alembic/ live."
-        )
-    config = Config(str(ALEMBIC_INI))
+    """Return the Alembic configuration of llmtrace's migrations, optionally bound to a live connection."""
+    config = Config()
+    config.set_main_option("script_location", str(script_location()))
     if connection is not None:
         config.attributes["connection"] = connection
     return config
