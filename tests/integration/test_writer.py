@@ -288,6 +288,30 @@ def test_block_policy_times_out_with_a_clear_error(migrated_engine: Engine) -> N
     writer.close(timeout=30)
 
 
+def test_closing_wakes_a_blocked_submit(migrated_engine: Engine) -> None:
+    repository = FaultyRepository(migrated_engine)
+    repository.stall.clear()
+    writer = TraceWriter(repository, batch_size=1, max_queue=1)
+    writer.submit(make_trace(0))
+    wait_until(lambda: writer.stats.in_flight == 1)
+    writer.submit(make_trace(1))
+    errors: list[BaseException] = []
+
+    def blocked() -> None:
+        try:
+            writer.submit(make_trace(2))
+        except WriterClosed as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=blocked)
+    thread.start()
+    time.sleep(0.1)
+    writer.close(timeout=0.2)
+    thread.join(timeout=5)
+    assert [str(e) for e in errors] == ["This TraceWriter closed while submit() waited for room."]
+    repository.stall.set()
+
+
 def test_spool_policy_writes_overflow_to_disk(migrated_engine: Engine, tmp_path: Path) -> None:
     repository = FaultyRepository(migrated_engine)
     repository.stall.clear()
@@ -322,6 +346,8 @@ def test_submit_errors(migrated_engine: Engine) -> None:
         ({"overflow": "spool"}, "overflow='spool' needs spool_dir"),
         ({"batch_size": 0}, "batch_size must be at least 1, got 0"),
         ({"flush_interval": 0}, "flush_interval must be positive"),
+        ({"max_queue": 0}, "max_queue must be at least 1, got 0"),
+        ({"max_retries": -1}, "max_retries must be 0 or more, got -1"),
     ],
 )
 def test_bad_options(migrated_engine: Engine, options: dict[str, Any], message: str) -> None:

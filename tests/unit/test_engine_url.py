@@ -90,3 +90,22 @@ def test_missing_chdb_install_says_how_to_install(monkeypatch: pytest.MonkeyPatc
     )
     with pytest.raises(EmbeddedEngineError, match=r"pip install 'llmtrace\[embedded\]'"):
         get_engine("chdb:///anywhere")
+
+
+def test_driver_client_refuses_a_foreign_engine() -> None:
+    from sqlalchemy import create_engine
+
+    from llmtrace.engine import driver_client
+
+    expected = "not clickhouse-connect's; llmtrace needs an engine built by"
+    with create_engine("sqlite://").connect() as connection, pytest.raises(ConfigurationError, match=expected):
+        driver_client(connection)
+
+
+def test_missing_migration_scripts_are_reported(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from llmtrace import MigrationError, migrations
+
+    monkeypatch.setattr(migrations, "SCRIPT_LOCATIONS", (tmp_path / "a", tmp_path / "b"))
+    with pytest.raises(MigrationError, match="migration scripts were not found") as caught:
+        migrations.alembic_config()
+    assert str(tmp_path / "a") in str(caught.value) and str(tmp_path / "b") in str(caught.value)
