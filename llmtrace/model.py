@@ -8,7 +8,7 @@ this model validates what a row must satisfy to be stored and read back exactly 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, ClassVar, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -32,6 +32,15 @@ _FLAGS = ("is_byok", "is_error")
 def as_utc(value: datetime) -> datetime:
     """Return ``value`` as an aware UTC datetime; a naive value is taken to be UTC already."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def epoch_micros(moment: datetime) -> int:
+    """Microseconds since the Unix epoch of an aware datetime: what a DateTime64(6) column stores."""
+    return (moment - EPOCH) // _MICROSECOND
 
 
 def utc_now() -> datetime:

@@ -12,7 +12,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from itertools import islice
 from typing import Any
 
@@ -24,7 +24,7 @@ from llmtrace.conversion import trace_from_row
 from llmtrace.engine import driver_client
 from llmtrace.errors import DatabaseError, TraceNotFound, TraceValidationError, database_errors
 from llmtrace.filters import TraceFilter
-from llmtrace.model import CLICKHOUSE_COLUMNS, LLMTrace
+from llmtrace.model import CLICKHOUSE_COLUMNS, LLMTrace, epoch_micros
 from llmtrace.pagination import Position, TracePage, decode_cursor, encode_cursor
 from llmtrace.record import TABLE_NAME, TRACES_TABLE
 from llmtrace.stored_lookup import Identity, StoredKeys, stored_identities
@@ -33,8 +33,6 @@ from llmtrace.usage import UsageRow, usage_row, usage_statement, validate_groupi
 TABLE = TRACES_TABLE
 ORGANIZATION, ID = CLICKHOUSE_COLUMNS.index("organization_id"), CLICKHOUSE_COLUMNS.index("id")
 CREATED_AT = CLICKHOUSE_COLUMNS.index("created_at")
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-MICROSECOND = timedelta(microseconds=1)
 DEFAULT_BATCH_SIZE = 10_000
 MAX_PAGE_SIZE = 10_000
 # A batch may span many months (backfills); ClickHouse's default refuses more than 100 partitions per insert.
@@ -145,7 +143,7 @@ class TraceRepository:
         # DateTime64(6) columns take microseconds since the epoch as they are; converting here, once, in C-level
         # timedelta arithmetic, is several times cheaper than the driver's per-value conversion, which would
         # otherwise run twice (for the lookup and for the insert).
-        columns[CREATED_AT] = [(moment - EPOCH) // MICROSECOND for moment in columns[CREATED_AT]]
+        columns[CREATED_AT] = [epoch_micros(moment) for moment in columns[CREATED_AT]]
         identities = list(zip(columns[ORGANIZATION], columns[ID], strict=True))
         if skip_stored:
             with database_errors(f"checking which of {len(batch)} traces are already stored"):

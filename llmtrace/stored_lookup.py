@@ -7,6 +7,11 @@ one of the batch's traces, so the cost follows the batch, not the table (measure
 granules read for a batch of new traces, against all 129 when matching on ``(organization_id, id)``). A
 re-sent trace has the same agent and creation time as its first copy, so this finds it.
 
+Before that, a probe asks whether any stored row shares an organization and an agent with the batch and
+was created no earlier than the batch's oldest trace. Every stored copy of a batch trace would be such a row,
+so when there is none the lookup is skipped. A service writing its traces as they happen (each batch newer
+than the last) mostly skips it; a backfill of shuffled history always pays for both.
+
 Listing the keys as literals in the query text would be simpler, but the driver escapes literals character
 by character in Python and the server parses each one: 10,000 ids cost ~0.16 s that way against ~0.035 s
 through the temporary table. Temporary tables need a session; where the server refuses one (e.g. a load
@@ -19,10 +24,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
-from llmtrace.model import CLICKHOUSE_COLUMNS, LLMTrace
+from llmtrace.model import CLICKHOUSE_COLUMNS, LLMTrace, epoch_micros
 from llmtrace.record import TABLE_NAME
 
 logger = logging.getLogger(__name__)
@@ -41,6 +45,10 @@ _SEMI_JOIN = (
     f"SELECT organization_id, id FROM {TABLE_NAME} "
     f"WHERE ({', '.join(STAGING_COLUMNS)}) IN (SELECT {', '.join(STAGING_COLUMNS)} FROM {STAGING_TABLE})"
 )
+_PROBE = (
+    f"SELECT 1 FROM {TABLE_NAME} WHERE organization_id IN %(organizations)s AND agent_id IN %(agents)s "
+    "AND created_at >= fromUnixTimestamp64Micro(%(earliest)s, 'UTC') LIMIT 1"
+)
 _LITERALS = f"SELECT organization_id, id FROM {TABLE_NAME} WHERE organization_id IN %(organizations)s AND id IN %(ids)s"
 
 
@@ -48,12 +56,12 @@ _LITERALS = f"SELECT organization_id, id FROM {TABLE_NAME} WHERE organization_id
 class StoredKeys:
     """The lookup keys of a batch, one list per key column, as stored (absent agent ids are ``''``).
 
-    ``created_at`` holds datetimes, or microseconds since the epoch (what DateTime64(6) stores).
+    ``created_at`` holds microseconds since the epoch (what DateTime64(6) stores).
     """
 
     organization_id: list[str]
     agent_id: list[str]
-    created_at: list[datetime] | list[int]
+    created_at: list[int]
     id: list[str]
 
     @classmethod
@@ -63,7 +71,11 @@ class StoredKeys:
 
     @classmethod
     def from_traces(cls, traces: Sequence[LLMTrace]) -> StoredKeys:
-        return cls.from_columns(LLMTrace.to_clickhouse_column_data(traces))
+        """The keys of ``traces`` (for callers that have no column data yet)."""
+        columns = LLMTrace.to_clickhouse_column_data(traces)
+        created_at = CLICKHOUSE_COLUMNS.index("created_at")
+        columns[created_at] = [epoch_micros(moment) for moment in columns[created_at]]
+        return cls.from_columns(columns)
 
     def identities(self) -> list[Identity]:
         return list(zip(self.organization_id, self.id, strict=True))
@@ -78,7 +90,7 @@ def stored_identities(client: Any, keys: StoredKeys, *, staging: bool = True) ->
         staging: Use the temporary-table semi-join (falling back to literals if the server refuses it);
             ``False`` forces the literal query.
     """
-    if not keys.id:
+    if not keys.id or not may_hold_copies(client, keys):
         return set()
     if staging:
         try:
@@ -86,6 +98,16 @@ def stored_identities(client: Any, keys: StoredKeys, *, staging: bool = True) ->
         except _session_errors() as exc:
             logger.warning("llmtrace: temporary tables are unavailable (%s); looking up ids as literals", exc)
     return _through_literals(client, keys.identities())
+
+
+def may_hold_copies(client: Any, keys: StoredKeys) -> bool:
+    """Whether any stored row could be a copy of one of the batch's traces (see the module docs)."""
+    parameters = {
+        "organizations": sorted(set(keys.organization_id)),
+        "agents": sorted(set(keys.agent_id)),
+        "earliest": min(keys.created_at),
+    }
+    return bool(client.query(_PROBE, parameters=parameters).result_rows)
 
 
 def _through_staging_table(client: Any, keys: StoredKeys) -> set[Identity]:

@@ -13,7 +13,7 @@ from sqlalchemy import Engine, text
 
 from llmtrace import LLMTrace, TraceRepository, TraceValidationError
 from llmtrace.engine import driver_client
-from llmtrace.stored_lookup import StoredKeys, stored_identities
+from llmtrace.stored_lookup import StoredKeys, may_hold_copies, stored_identities
 from tests.factories import BASE_TIME, make_trace
 from tests.strategies import llm_traces
 
@@ -162,3 +162,19 @@ def test_any_valid_traces_round_trip(repository: TraceRepository, traces: list[L
     batch = [trace.model_copy(update={"id": f"{uuid.uuid4().hex}-{trace.id}"}) for trace in traces]
     assert repository.add_many(batch) == len(batch)
     assert [repository.get(trace.organization_id, trace.id) for trace in batch] == batch
+
+
+def test_the_probe_skips_the_lookup_only_when_no_copy_can_exist(
+    repository: TraceRepository, migrated_engine: Engine
+) -> None:
+    repository.add_many([make_trace(i) for i in range(10)])
+    later = [make_trace(i, created_at=BASE_TIME + timedelta(hours=1, seconds=i)) for i in range(100, 110)]
+    resent = [make_trace(i) for i in range(5, 15)]
+    other_agent = [make_trace(200, agent_id="agent-new")]
+    with migrated_engine.connect() as connection:
+        client = driver_client(connection)
+        assert may_hold_copies(client, StoredKeys.from_traces(later)) is False
+        assert may_hold_copies(client, StoredKeys.from_traces(other_agent)) is False
+        assert may_hold_copies(client, StoredKeys.from_traces(resent)) is True
+        # The boundary: a stored row created exactly at the batch's earliest instant counts.
+        assert may_hold_copies(client, StoredKeys.from_traces([make_trace(9, id="x")])) is True
