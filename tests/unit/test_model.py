@@ -6,12 +6,13 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from llmtrace import LLMTrace
 from llmtrace.model import UINT32_MAX
+from tests.strategies import llm_traces
 
 # The reference model's clickhouse_columns(), spelled out: existing writers insert tuples in exactly this order.
 REFERENCE_COLUMNS = [
@@ -143,3 +144,13 @@ def test_created_at_outside_the_storable_range_is_rejected(when: datetime) -> No
     with pytest.raises(ValidationError, match="the range ClickHouse's DateTime64 can store") as caught:
         LLMTrace(**REQUIRED, created_at=when)
     assert caught.value.errors()[0]["loc"] == ("created_at",)
+
+
+@settings(max_examples=50, deadline=None)
+@given(traces=st.lists(llm_traces(), max_size=6))
+def test_column_data_is_the_transposed_rows(traces: list[LLMTrace]) -> None:
+    # Types are compared too: True == 1 in Python, but the reference sends the flags as ints.
+    rows = [[(type(value), value) for value in trace.to_clickhouse_row()] for trace in traces]
+    expected = [list(column) for column in zip(*rows, strict=True)] if rows else [[] for _ in REFERENCE_COLUMNS]
+    columns = LLMTrace.to_clickhouse_column_data(traces)
+    assert [[(type(value), value) for value in column] for column in columns] == expected
