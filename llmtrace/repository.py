@@ -137,22 +137,25 @@ class TraceRepository:
     @staticmethod
     def _prepare(connection: Connection, batch: list[LLMTrace], *, skip_stored: bool) -> PreparedBatch:
         """Column data of the batch's traces that are neither repeated within it nor (``skip_stored``) stored."""
-        size = len(batch)
-        batch = first_of_each_identity(batch)
         columns = LLMTrace.to_clickhouse_column_data(batch)
         # DateTime64(6) columns take microseconds since the epoch as they are; converting here, once, in C-level
         # timedelta arithmetic, is several times cheaper than the driver's per-value conversion, which would
         # otherwise run twice (for the lookup and for the insert).
         columns[CREATED_AT] = [epoch_micros(moment) for moment in columns[CREATED_AT]]
         identities = list(zip(columns[ORGANIZATION], columns[ID], strict=True))
+        skipped: set[Identity] = set()
         if skip_stored:
             with database_errors(f"checking which of {len(batch)} traces are already stored"):
                 skipped = stored_identities(driver_client(connection), StoredKeys.from_columns(columns))
-            if skipped:
-                keep = [identity not in skipped for identity in identities]
-                columns = [[value for value, kept in zip(column, keep, strict=True) if kept] for column in columns]
-                identities = [identity for identity, kept in zip(identities, keep, strict=True) if kept]
-        return PreparedBatch(size=size, columns=columns, identities=identities)
+        # One mask drops both stored traces and later repeats within the batch (the first occurrence wins).
+        keep = []
+        for identity in identities:
+            keep.append(identity not in skipped)
+            skipped.add(identity)
+        if not all(keep):
+            columns = [[value for value, kept in zip(column, keep, strict=True) if kept] for column in columns]
+            identities = [identity for identity, kept in zip(identities, keep, strict=True) if kept]
+        return PreparedBatch(size=len(batch), columns=columns, identities=identities)
 
     @staticmethod
     def _insert(connection: Connection, prepared: PreparedBatch, bar: tqdm[Any]) -> int:
@@ -331,7 +334,7 @@ def _filter(organization_id: str | None, filters: Mapping[str, Any]) -> TraceFil
         raise TypeError(f"{exc}; the accepted filters are {accepted}") from exc
 
 
-def batch_token(identities: Sequence[tuple[str, str]]) -> str:
+def batch_token(identities: Sequence[Identity]) -> str:
     """The insert deduplication token of a batch: a digest of its identities, in order.
 
     A retry sends the same traces in the same order and so gets the same token. The identities are
@@ -340,17 +343,7 @@ def batch_token(identities: Sequence[tuple[str, str]]) -> str:
     return hashlib.sha256(json.dumps(identities, ensure_ascii=False).encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def first_of_each_identity(batch: list[LLMTrace]) -> list[LLMTrace]:
-    """``batch`` without later repeats of an ``(organization_id, id)`` (returned as is when there are none)."""
-    if len({(trace.organization_id, trace.id) for trace in batch}) == len(batch):
-        return batch
-    first: dict[tuple[str, str], LLMTrace] = {}
-    for trace in batch:
-        first.setdefault((trace.organization_id, trace.id), trace)
-    return builtins.list(first.values())
-
-
-def validate_traces(items: Iterable[TraceInput], *, start: int) -> builtins.list[LLMTrace]:
+def validate_traces(items: Iterable[TraceInput], *, start: int) -> list[LLMTrace]:
     """Validate every item, collecting all problems before raising.
 
     Args:
@@ -360,8 +353,8 @@ def validate_traces(items: Iterable[TraceInput], *, start: int) -> builtins.list
     Raises:
         TraceValidationError: At least one item is invalid.
     """
-    traces: builtins.list[LLMTrace] = []
-    problems: builtins.list[tuple[int, str, str]] = []
+    traces: list[LLMTrace] = []
+    problems: list[tuple[int, str, str]] = []
     for index, item in enumerate(items, start):
         if isinstance(item, LLMTrace):
             traces.append(item)
@@ -379,10 +372,10 @@ def validate_traces(items: Iterable[TraceInput], *, start: int) -> builtins.list
     return traces
 
 
-def validated_batches(items: Iterable[TraceInput], batch_size: int) -> Iterator[builtins.list[LLMTrace]]:
+def validated_batches(items: Iterable[TraceInput], batch_size: int) -> Iterator[list[LLMTrace]]:
     """Consume ``items`` in batches of ``batch_size``, validating each before yielding it."""
     iterator = iter(items)
     start = 0
-    while chunk := builtins.list(islice(iterator, batch_size)):
+    while chunk := list(islice(iterator, batch_size)):
         yield validate_traces(chunk, start=start)
         start += len(chunk)

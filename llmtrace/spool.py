@@ -123,10 +123,6 @@ class Spool:
             self._file = None
             self._path = None
 
-    def has_files(self) -> bool:
-        """Whether any spool file exists in the directory (this process's or another's)."""
-        return any(self.directory.glob(f"*{SUFFIX}"))
-
     def claim_closed_files(self) -> Iterator[Path]:
         """Yield the spool files nobody holds, oldest first, each locked for the caller until the next one.
 

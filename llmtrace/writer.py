@@ -174,7 +174,7 @@ class TraceWriter:
         self._closing = False
         self._closed = False
         self._give_up = threading.Event()
-        self._replay_due = self._spool is not None and self._spool.has_files()
+        self._replay_due = False  # the thread replays existing spool files when it starts
         self._dropped_unreported = 0
         self._counts = dict.fromkeys(
             ("submitted", "written", "spooled", "dropped", "failed", "retried", "replayed", "torn_records"), 0
