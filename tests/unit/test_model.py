@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from llmtrace import LLMTrace
-from llmtrace.model import UINT32_MAX
+from llmtrace.model import TRANSPOSE_CHUNK, UINT32_MAX
 from tests.strategies import llm_traces
 
 # The reference model's clickhouse_columns(), spelled out: existing writers insert tuples in exactly this order.
@@ -147,8 +147,10 @@ def test_created_at_outside_the_storable_range_is_rejected(when: datetime) -> No
 
 
 @settings(max_examples=50, deadline=None)
-@given(traces=st.lists(llm_traces(), max_size=6))
-def test_column_data_is_the_transposed_rows(traces: list[LLMTrace]) -> None:
+@given(distinct=st.lists(llm_traces(), min_size=1, max_size=6), length=st.integers(0, 2 * TRANSPOSE_CHUNK + 3))
+def test_column_data_is_the_transposed_rows(distinct: list[LLMTrace], length: int) -> None:
+    # Batches longer than one transposition chunk, so that values must land in the right row across chunks.
+    traces = [distinct[index % len(distinct)] for index in range(length)]
     # Types are compared too: True == 1 in Python, but the reference sends the flags as ints.
     rows = [[(type(value), value) for value in trace.to_clickhouse_row()] for trace in traces]
     expected = [list(column) for column in zip(*rows, strict=True)] if rows else [[] for _ in REFERENCE_COLUMNS]
