@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from operator import itemgetter
 from typing import Annotated, Any, ClassVar, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 UINT32_MAX = 2**32 - 1
 UINT64_MAX = 2**64 - 1
@@ -98,7 +98,7 @@ class LLMTrace(BaseModel):
     # Token usage
     prompt_tokens: TokenCount = Field(default=0, description="Number of prompt tokens")
     completion_tokens: TokenCount = Field(default=0, description="Number of completion tokens")
-    total_tokens: TokenCount = Field(default=0, description="Total tokens (prompt + completion)")
+    total_tokens: TokenCount = Field(default=0, validate_default=True, description="Total tokens (prompt + completion)")
 
     # Cache and reasoning tokens (from LettaUsageStatistics)
     cached_input_tokens: TokenCount | None = Field(default=None, description="Number of input tokens served from cache")
@@ -141,15 +141,27 @@ class LLMTrace(BaseModel):
             )
         return value
 
+    @field_validator("total_tokens")
+    @classmethod
+    def _total_defaults_to_the_sum(cls, value: int, info: ValidationInfo) -> int:
+        # Fields are validated in declaration order, so the two counts (when valid) are already in info.data.
+        if value == 0:
+            value = info.data.get("prompt_tokens", 0) + info.data.get("completion_tokens", 0)
+            if value > UINT32_MAX:
+                raise ValueError(
+                    f"prompt_tokens + completion_tokens = {value} does not fit UInt32 (at most {UINT32_MAX}); "
+                    "one of the two counts is wrong"
+                )
+        return value
+
     @model_validator(mode="after")
-    def _fill_derived_defaults(self) -> Self:
-        if self.total_tokens == 0 and (self.prompt_tokens or self.completion_tokens):
-            # Assigning re-runs field validation, so a sum beyond UInt32 is reported on total_tokens.
-            self.total_tokens = self.prompt_tokens + self.completion_tokens
+    def _fill_payload_sizes(self) -> Self:
+        # Written to __dict__ directly: assigning would re-validate the whole model (validate_assignment) and
+        # double the cost of building a trace; a UTF-8 length always fits the UInt64 column.
         if self.request_size_bytes == 0 and self.request_json:
-            self.request_size_bytes = len(self.request_json.encode("utf-8"))
+            self.__dict__["request_size_bytes"] = len(self.request_json.encode("utf-8"))
         if self.response_size_bytes == 0 and self.response_json:
-            self.response_size_bytes = len(self.response_json.encode("utf-8"))
+            self.__dict__["response_size_bytes"] = len(self.response_json.encode("utf-8"))
         return self
 
     @staticmethod

@@ -73,6 +73,7 @@ def test_a_total_that_overflows_is_reported_on_total_tokens() -> None:
     with pytest.raises(ValidationError) as caught:
         LLMTrace(**REQUIRED, prompt_tokens=UINT32_MAX, completion_tokens=1)
     assert caught.value.errors()[0]["loc"] == ("total_tokens",)
+    assert f"prompt_tokens + completion_tokens = {UINT32_MAX + 1}" in str(caught.value)
 
 
 def test_missing_required_fields_are_all_named() -> None:
