@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 import hashlib
 import json
+import operator
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -120,7 +121,8 @@ class TraceRepository:
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        total = len(traces) if isinstance(traces, Sequence) else None
+        # Sequences have a length; other iterables may announce one (__length_hint__) for the progress bar.
+        total = operator.length_hint(traces) or None
         batches: Iterable[list[LLMTrace]]
         if isinstance(traces, Sequence):
             validated = validate_traces(traces, start=0)
