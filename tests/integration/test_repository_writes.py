@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -178,3 +179,34 @@ def test_the_probe_skips_the_lookup_only_when_no_copy_can_exist(
         assert may_hold_copies(client, StoredKeys.from_traces(resent)) is True
         # The boundary: a stored row created exactly at the batch's earliest instant counts.
         assert may_hold_copies(client, StoredKeys.from_traces([make_trace(9, id="x")])) is True
+
+
+class _HintedIterator(Iterator[LLMTrace]):
+    """An iterator that announces how many items are left, like many lazy sources do."""
+
+    def __init__(self, traces: list[LLMTrace]) -> None:
+        self._traces = iter(traces)
+        self._left = len(traces)
+
+    def __next__(self) -> LLMTrace:
+        trace = next(self._traces)
+        self._left -= 1
+        return trace
+
+    def __length_hint__(self) -> int:
+        return self._left
+
+
+@pytest.mark.parametrize(
+    ("source", "shown"),
+    [
+        (list, "30/30"),  # a sequence's length is the bar's total
+        (_HintedIterator, "30/30"),  # so is an iterator's length hint
+        (lambda traces: (trace for trace in traces), "30trace"),  # a generator has none: the bar counts up
+    ],
+)
+def test_the_progress_bar_shows_a_total_when_the_input_has_one(
+    repository: TraceRepository, capsys: pytest.CaptureFixture[str], source: Any, shown: str
+) -> None:
+    assert repository.add_many(source([make_trace(i) for i in range(30)]), batch_size=10, progress=True) == 30
+    assert shown in capsys.readouterr().err
