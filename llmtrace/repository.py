@@ -110,7 +110,7 @@ class TraceRepository:
             batch_size: Traces per insert; each batch is one insert statement.
             skip_stored: Look up which traces of each batch are already stored and skip them. Turn it off only
                 when batches never overlap (identical retries are still deduplicated by the token).
-            progress: Show a progress bar on stderr.
+            progress: Show a progress bar on stderr, with a total when ``traces`` has a length or a length hint.
 
         Returns:
             The number of traces written (skipped duplicates are not counted).
