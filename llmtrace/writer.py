@@ -102,8 +102,9 @@ class TraceWriter:
 
     Batches flush when ``batch_size`` traces are waiting or ``flush_interval`` seconds after the first of
     them arrived, whichever comes first. A failed batch is retried with exponential backoff and jitter; when
-    retries are exhausted it goes to ``spool_dir`` (if set), and spooled batches are replayed when the
-    database accepts writes again and when a writer starts on that directory.
+    retries are exhausted it goes to ``spool_dir`` (if set). Spooled batches are replayed when a writer
+    starts on that directory, after the next successful write, and, while no traces arrive, every
+    ``replay_interval`` seconds.
 
     Use it as a context manager, or call :meth:`close` at shutdown; an ``atexit`` hook also closes it,
     waiting at most ``exit_timeout`` seconds.
@@ -124,6 +125,7 @@ class TraceWriter:
         on_error: Called on the writer's thread with a :class:`WriterEvent` for every problem; exceptions
             it raises are logged and ignored.
         exit_timeout: Seconds the ``atexit`` hook waits for the buffer to drain.
+        replay_interval: Seconds between replay attempts of spooled batches while the writer is idle.
     """
 
     def __init__(
@@ -141,8 +143,9 @@ class TraceWriter:
         submit_timeout: float | None = None,
         on_error: Callable[[WriterEvent], object] | None = None,
         exit_timeout: float = 5.0,
+        replay_interval: float = 30.0,
     ) -> None:
-        _check_options(batch_size, flush_interval, max_queue, overflow, spool_dir, max_retries)
+        _check_options(batch_size, flush_interval, max_queue, overflow, spool_dir, max_retries, replay_interval)
         self.repository = repository
         self.batch_size = batch_size
         self.flush_interval = flush_interval
@@ -154,6 +157,7 @@ class TraceWriter:
         self.submit_timeout = submit_timeout
         self.on_error = on_error
         self.exit_timeout = exit_timeout
+        self.replay_interval = replay_interval
         self._spool = Spool(spool_dir) if spool_dir is not None else None
         self._spool_lock = threading.Lock()
 
@@ -175,6 +179,7 @@ class TraceWriter:
         self._closed = False
         self._give_up = threading.Event()
         self._replay_due = False  # the thread replays existing spool files when it starts
+        self._next_idle_replay = 0.0  # time.monotonic() after which an idle writer may try a due replay
         self._dropped_unreported = 0
         self._counts = dict.fromkeys(
             ("submitted", "written", "spooled", "dropped", "failed", "retried", "replayed", "torn_records"), 0
@@ -334,6 +339,8 @@ class TraceWriter:
         while (batch := self._next_batch()) is not None:
             self._report_drops()
             self._write(batch)
+            if not batch:
+                self._replay_when_idle()
             with self._lock:
                 self._handled += len(batch)
                 self._in_flight = []
@@ -356,8 +363,8 @@ class TraceWriter:
                     return None
                 else:
                     self._wake_writer.wait(timeout=self.flush_interval)
-                    if self._dropped_unreported:
-                        return []
+                    if self._dropped_unreported or (self._replay_due and time.monotonic() >= self._next_idle_replay):
+                        return []  # nothing to write, but drops to report or a replay to try
             self._depth -= len(batch)
             self._in_flight = batch
             self._room.notify_all()
@@ -415,6 +422,8 @@ class TraceWriter:
         with self._lock:
             self._counts["spooled"] += len(batch)
             self._replay_due = True
+            # The database just refused this batch (or the buffer overflowed): give it time before a replay.
+            self._next_idle_replay = time.monotonic() + self.replay_interval
 
     def _rotate_spool(self) -> None:
         if self._spool is not None:
@@ -443,11 +452,18 @@ class TraceWriter:
             except DatabaseError as exc:
                 with self._lock:
                     self._replay_due = True
+                    self._next_idle_replay = time.monotonic() + self.replay_interval
                     self._last_error = str(exc)
                 self._emit(WriterEvent("replay_failed", 0, f"replay of {path} failed; will retry later", exc))
                 return
             path.unlink(missing_ok=True)
             logger.info("llmtrace: replayed spool file %s (%d batches)", path, len(contents.batches))
+
+    def _replay_when_idle(self) -> None:
+        with self._lock:
+            due = self._replay_due and time.monotonic() >= self._next_idle_replay
+        if due:
+            self._replay_spool()
 
     def _report_drops(self) -> None:
         with self._lock:
@@ -497,6 +513,7 @@ def _check_options(
     overflow: str,
     spool_dir: object,
     max_retries: int,
+    replay_interval: float,
 ) -> None:
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -506,6 +523,8 @@ def _check_options(
         raise ValueError(f"max_queue must be at least 1, got {max_queue}")
     if max_retries < 0:
         raise ValueError(f"max_retries must be 0 or more, got {max_retries}")
+    if replay_interval <= 0:
+        raise ValueError(f"replay_interval must be positive, got {replay_interval}")
     if overflow not in OVERFLOW_POLICIES:
         raise ValueError(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}; got {overflow!r}")
     if overflow == "spool" and spool_dir is None:

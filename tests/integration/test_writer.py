@@ -120,6 +120,28 @@ def test_down_past_the_retry_budget_spools_then_replays_once(migrated_engine: En
     assert list(tmp_path.glob(f"*{SUFFIX}")) == []
 
 
+def test_an_idle_writer_replays_on_a_timer_once_the_database_is_back(migrated_engine: Engine, tmp_path: Path) -> None:
+    repository = FaultyRepository(migrated_engine)
+    repository.down = True
+    writer = TraceWriter(
+        repository, batch_size=100, flush_interval=0.05, spool_dir=tmp_path, max_retries=0, replay_interval=0.2
+    )
+    for trace in traces(150):
+        writer.submit(trace)
+    assert writer.flush(timeout=30)
+    assert writer.stats.spooled == 150
+    # Nothing more is submitted. While the database is down, the timer keeps trying (and failing)...
+    calls = repository.calls
+    wait_until(lambda: repository.calls >= calls + 2)
+    assert writer.stats.replayed == 0
+    # ...and once it is back, the next attempt stores the spooled traces, with no write to set it off.
+    repository.down = False
+    wait_until(lambda: writer.stats.replayed == 150)
+    assert writer.close(timeout=30) == 0
+    assert stored(migrated_engine) == (150, 150)
+    assert list(tmp_path.glob(f"*{SUFFIX}")) == []
+
+
 def test_interrupted_replay_repeated_stores_each_trace_once(migrated_engine: Engine, tmp_path: Path) -> None:
     down = FaultyRepository(migrated_engine)
     down.down = True
@@ -348,6 +370,7 @@ def test_submit_errors(migrated_engine: Engine) -> None:
         ({"flush_interval": 0}, "flush_interval must be positive"),
         ({"max_queue": 0}, "max_queue must be at least 1, got 0"),
         ({"max_retries": -1}, "max_retries must be 0 or more, got -1"),
+        ({"replay_interval": 0}, "replay_interval must be positive, got 0"),
     ],
 )
 def test_bad_options(migrated_engine: Engine, options: dict[str, Any], message: str) -> None:
