@@ -104,9 +104,15 @@ class Spool:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._file: IO[bytes] | None = None
         self._path: Path | None = None
+        self._unsynced = False
 
-    def append(self, traces: Sequence[LLMTrace]) -> None:
-        """Append one batch durably (flushed and fsynced before returning)."""
+    def append(self, traces: Sequence[LLMTrace], *, sync: bool = True) -> None:
+        """Append one batch.
+
+        The record reaches the operating system before this returns, so it survives the process crashing.
+        With ``sync`` (the default) it is also fsynced, so it survives the machine crashing; without, it
+        waits for the next :meth:`sync` or :meth:`rotate`, which lets many small appends share one fsync.
+        """
         if self._file is None:
             path = self.directory / f"{os.getpid()}-{uuid.uuid4().hex[:12]}{SUFFIX}"
             handle = open(path, "ab")  # noqa: SIM115 (kept open across appends; closed by rotate)
@@ -114,11 +120,20 @@ class Spool:
             self._file, self._path = handle, path
         self._file.write(encode_record(traces))
         self._file.flush()
-        os.fsync(self._file.fileno())
+        self._unsynced = True
+        if sync:
+            self.sync()
+
+    def sync(self) -> None:
+        """Fsync what was appended without ``sync``."""
+        if self._file is not None and self._unsynced:
+            os.fsync(self._file.fileno())
+        self._unsynced = False
 
     def rotate(self) -> None:
         """Close the file being appended to, so that it can be replayed; the next append starts a new one."""
         if self._file is not None:
+            self.sync()
             self._file.close()
             self._file = None
             self._path = None

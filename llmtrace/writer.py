@@ -2,7 +2,8 @@
 
 The caller's thread only validates the trace and appends it to an in-memory buffer under a lock; every
 database call, log line and callback happens on the writer's own thread. (The one exception is the
-``"spool"`` overflow policy, which appends to a local file on the caller's thread when the buffer is full.)
+``"spool"`` overflow policy, which writes to a local file on the caller's thread when the buffer is full;
+the writer's thread fsyncs it.)
 
 Batches keep their identity across retries and replays, so ClickHouse's insert deduplication and the
 repository's stored-trace lookup make every retry exactly-once.
@@ -116,7 +117,8 @@ class TraceWriter:
         max_queue: Capacity of the buffer, in traces.
         overflow: What ``submit`` does when the buffer is full: ``"block"`` (wait up to ``submit_timeout``,
             then raise :class:`WriterQueueFull`), ``"drop_oldest"``, ``"drop_newest"``, or ``"spool"``
-            (append the trace to ``spool_dir`` on the caller's thread).
+            (write the trace to ``spool_dir`` on the caller's thread, where it survives the process dying; the
+            writer's thread fsyncs it after its current batch, so that a burst shares one fsync).
         spool_dir: Directory for batches that cannot be written; ``None`` means they are lost (and logged).
         max_retries: Retries of a failed batch before it is spooled (or lost).
         retry_backoff: First retry delay in seconds; doubles on each retry, with +/-50% jitter.
@@ -218,7 +220,9 @@ class TraceWriter:
             if action == "queue":
                 self._append(trace)
         if action == "spool":
-            self._spool_batch([trace])
+            # No fsync here, on the caller's thread: the writer's thread fsyncs after its current batch, so
+            # a burst of overflowing traces shares one fsync (see Spool.append).
+            self._spool_batch([trace], sync=False)
 
     def _make_room(self, wait: float | None) -> Literal["queue", "spool", "drop"]:
         """Apply the overflow policy to a full buffer (lock held); say what to do with the new trace."""
@@ -341,6 +345,7 @@ class TraceWriter:
             self._write(batch)
             if not batch:
                 self._replay_when_idle()
+            self._sync_spool()
             with self._lock:
                 self._handled += len(batch)
                 self._in_flight = []
@@ -414,16 +419,21 @@ class TraceWriter:
                 self._counts["failed"] += len(batch)
             self._emit(WriterEvent("failed", len(batch), "retries exhausted and no spool_dir: traces lost", error))
 
-    def _spool_batch(self, batch: list[LLMTrace]) -> None:
+    def _spool_batch(self, batch: list[LLMTrace], *, sync: bool = True) -> None:
         if self._spool is None or not batch:
             return
         with self._spool_lock:
-            self._spool.append(batch)
+            self._spool.append(batch, sync=sync)
         with self._lock:
             self._counts["spooled"] += len(batch)
             self._replay_due = True
             # The database just refused this batch (or the buffer overflowed): give it time before a replay.
             self._next_idle_replay = time.monotonic() + self.replay_interval
+
+    def _sync_spool(self) -> None:
+        if self._spool is not None:
+            with self._spool_lock:
+                self._spool.sync()
 
     def _rotate_spool(self) -> None:
         if self._spool is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,28 @@ def test_appends_go_to_one_file_per_spool_and_rotate_closes_it(tmp_path: Path) -
     spool.rotate()
     (path,) = spool.claim_closed_files()
     assert read_spool_file(path).batches == BATCHES[:2]
+
+
+def test_appends_without_sync_reach_the_file_at_once_and_share_one_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fsyncs: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd)))
+    spool = Spool(tmp_path)
+    for batch in BATCHES:
+        spool.append(batch, sync=False)
+    # Already in the file (it would survive the process dying), though not yet fsynced.
+    (path,) = tmp_path.glob("*.spool")
+    assert read_spool_file(path).batches == BATCHES and fsyncs == []
+    spool.sync()
+    spool.sync()  # nothing new to sync
+    assert len(fsyncs) == 1
+    spool.append(BATCHES[0])  # the default: fsynced before it returns
+    assert len(fsyncs) == 2
+    spool.append(BATCHES[1], sync=False)
+    spool.rotate()  # closing a file syncs it
+    assert len(fsyncs) == 3
 
 
 def test_a_file_held_by_another_spool_is_not_claimed(tmp_path: Path) -> None:
