@@ -8,8 +8,6 @@ statements on :class:`LLMTraceRecord` with bound parameters: no user value is ev
 from __future__ import annotations
 
 import builtins
-import hashlib
-import json
 import operator
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,10 +19,12 @@ from pydantic import ValidationError
 from sqlalchemy import Connection, Engine, delete, func, select
 from tqdm import tqdm
 
+from llmtrace.alter_delete import AlterTableDelete
 from llmtrace.conversion import trace_from_row
 from llmtrace.engine import driver_client
 from llmtrace.errors import DatabaseError, TraceNotFound, TraceValidationError, database_errors
 from llmtrace.filters import TraceFilter
+from llmtrace.insert_token import batch_token, latest_mutation
 from llmtrace.model import CLICKHOUSE_COLUMNS, LLMTrace, epoch_micros
 from llmtrace.pagination import Position, TracePage, decode_cursor, encode_cursor
 from llmtrace.record import TABLE_NAME, TRACES_TABLE
@@ -103,7 +103,8 @@ class TraceRepository:
         pass the lookup; a trace re-created with the same id but another ``agent_id`` or ``created_at`` is
         only caught if its whole batch is identical (the token); and a retry that arrives after more than
         the table's deduplication window (10,000 inserts) is no longer recognised by the token, only by
-        the lookup.
+        the lookup. After :meth:`delete`, traces written again are stored again (the token changes
+        with every delete).
 
         Args:
             traces: :class:`LLMTrace` objects or mappings of their fields (validated like the model).
@@ -131,10 +132,15 @@ class TraceRepository:
             batches = validated_batches(traces, batch_size)
         written = 0
         bar = tqdm(total=total, disable=not progress, unit="trace", desc="writing traces")
+        mutation: int | None = None  # read once per call, before the first insert (see llmtrace.insert_token)
         with bar, self.engine.connect() as connection:
             try:
                 for batch in batches:
-                    written += self._insert(connection, self._prepare(connection, batch, skip_stored=skip_stored), bar)
+                    prepared = self._prepare(connection, batch, skip_stored=skip_stored)
+                    if prepared.written and mutation is None:
+                        with database_errors("reading the traces table's latest mutation"):
+                            mutation = latest_mutation(driver_client(connection))
+                    written += self._insert(connection, prepared, bar, mutation=mutation or 0)
             except TraceValidationError as exc:
                 exc.add_note(f"{written} trace(s) from earlier batches of this call were already written.")
                 raise
@@ -163,9 +169,9 @@ class TraceRepository:
         return PreparedBatch(size=len(batch), columns=columns)
 
     @staticmethod
-    def _insert(connection: Connection, prepared: PreparedBatch, bar: tqdm[Any]) -> int:
+    def _insert(connection: Connection, prepared: PreparedBatch, bar: tqdm[Any], *, mutation: int) -> int:
         if prepared.written:
-            token = batch_token(prepared.columns[ORGANIZATION], prepared.columns[ID])
+            token = batch_token(prepared.columns[ORGANIZATION], prepared.columns[ID], mutation=mutation)
             settings = {**INSERT_SETTINGS, "insert_deduplication_token": token}
             with database_errors(f"inserting {prepared.written} traces"):
                 driver_client(connection).insert(
@@ -306,12 +312,16 @@ class TraceRepository:
         agent_id: str | None = None,
         run_id: str | None = None,
         before: datetime | None = None,
+        erase: bool = True,
     ) -> int:
-        """Permanently remove an organization's traces (all, or one agent's, one run's, or those before a time).
+        """Remove an organization's traces (all, or one agent's, one run's, or those before a time).
 
-        The rows are rewritten out of their data parts (a synchronous ``ALTER TABLE ... DELETE``), not merely
-        hidden, which is what an erasure request needs. The method then reads again and raises if any
-        matching row is still visible.
+        With ``erase`` (the default), the data parts holding matching rows are rewritten without them before
+        this returns (a synchronous ``ALTER TABLE ... DELETE``): the data is gone from disk, which is what an
+        erasure request needs, at the cost of rewriting those parts. With ``erase=False`` the rows are only
+        masked (a lightweight ``DELETE FROM``): hidden from every query at once and cheap, but still on disk
+        until merges rewrite their parts. Either way the method then reads again and raises if any matching
+        row is still visible. Traces written again after a delete are stored again.
 
         Returns:
             The number of traces removed.
@@ -321,11 +331,14 @@ class TraceRepository:
         """
         trace_filter = TraceFilter(organization_id=organization_id, agent_id=agent_id, run_id=run_id, until=before)
         counting = trace_filter.apply(select(func.count()).select_from(TABLE))
-        removal = delete(TABLE).where(*trace_filter.clauses())
         with database_errors("deleting traces"), self.engine.connect() as connection:
             matching = int(connection.execute(counting).scalar_one())
-            if matching:
-                connection.execute(removal.execution_options(settings={"mutations_sync": 2}))
+            if matching and erase:
+                erasing = AlterTableDelete(TABLE, *trace_filter.clauses())
+                connection.execute(erasing, execution_options={"settings": {"mutations_sync": 2}})
+            elif matching:
+                masking = delete(TABLE).where(*trace_filter.clauses())
+                connection.execute(masking.execution_options(settings={"mutations_sync": 2}))
             remaining = int(connection.execute(counting).scalar_one())
         if remaining:
             raise DatabaseError(f"{remaining} matching trace(s) are still present after the delete; retry it.")
@@ -338,16 +351,6 @@ def _filter(organization_id: str | None, filters: Mapping[str, Any]) -> TraceFil
     except TypeError as exc:
         accepted = ", ".join(name for name in TraceFilter.__dataclass_fields__ if name != "organization_id")
         raise TypeError(f"{exc}; the accepted filters are {accepted}") from exc
-
-
-def batch_token(organization_ids: list[str], ids: list[str]) -> str:
-    """The insert deduplication token of a batch: a digest of its identities ``(organization_id, id)``, in order.
-
-    A retry sends the same traces in the same order and so gets the same token. The two columns are
-    digested as JSON, which is unambiguous (no two different pairs of lists serialise alike) and fast.
-    """
-    listed = json.dumps([organization_ids, ids], ensure_ascii=False)
-    return hashlib.sha256(listed.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def validate_traces(items: Iterable[TraceInput], *, start: int) -> list[LLMTrace]:

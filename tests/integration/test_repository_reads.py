@@ -173,6 +173,20 @@ def test_delete_by_agent_run_and_time(repository: TraceRepository) -> None:
     assert repository.delete("org-1") == 0
 
 
+@pytest.mark.parametrize(("erase", "left_on_disk"), [(True, 0), (False, 5)])
+def test_erase_rewrites_the_rows_away_and_masking_only_hides_them(
+    repository: TraceRepository, migrated_engine: Engine, erase: bool, left_on_disk: int
+) -> None:
+    # One microsecond apart: `before` must cut between them exactly.
+    repository.add_many([make_trace(i, created_at=BASE_TIME + timedelta(microseconds=i)) for i in range(10)])
+    assert repository.delete("org-1", before=BASE_TIME + timedelta(microseconds=5), erase=erase) == 5
+    assert repository.count("org-1") == 5
+    with migrated_engine.connect() as connection:
+        # apply_deleted_mask = 0 shows rows that a lightweight delete only masked.
+        on_disk = connection.execute(text("SELECT count() FROM llm_traces SETTINGS apply_deleted_mask = 0"))
+        assert on_disk.scalar_one() == 5 + left_on_disk
+
+
 def test_database_errors_are_mapped_with_the_cause(repository: TraceRepository, migrated_engine: Engine) -> None:
     with migrated_engine.connect() as connection:
         connection.execute(text("DROP TABLE llm_traces"))

@@ -53,6 +53,21 @@ def test_identical_retries_are_deduplicated_by_clickhouse_alone(
     assert stored_rows(migrated_engine) == 300
 
 
+@pytest.mark.parametrize("skip_stored", [True, False])
+@pytest.mark.parametrize("erase", [True, False])
+def test_traces_written_again_after_a_delete_are_stored_again(
+    repository: TraceRepository, skip_stored: bool, erase: bool
+) -> None:
+    # The same batch gets the same insert token; the delete must make ClickHouse accept it again.
+    batch = [make_trace(i) for i in range(50)]
+    assert repository.add_many(batch, skip_stored=skip_stored) == 50
+    assert repository.delete("org-1", erase=erase) == 50
+    assert repository.add_many(batch, skip_stored=skip_stored) == 50
+    assert repository.count("org-1") == 50
+    repository.add_many(batch, skip_stored=skip_stored)  # and a retry of that is still stored once
+    assert repository.count("org-1") == 50
+
+
 def test_without_the_lookup_overlapping_batches_duplicate(repository: TraceRepository, migrated_engine: Engine) -> None:
     # The documented limit of skip_stored=False: a different batch is a different block to ClickHouse.
     repository.add_many([make_trace(i) for i in range(10)], skip_stored=False)
