@@ -280,6 +280,7 @@ class TraceRepository:
         since: datetime | None = None,
         until: datetime | None = None,
         granularity: str | None = None,
+        percentiles: str = "exact",
         **filters: Any,
     ) -> builtins.list[UsageRow]:
         """Token, byte, error and latency totals per group (and per time bucket).
@@ -291,14 +292,17 @@ class TraceRepository:
             since: Only traces created at or after this instant.
             until: Only traces created before this instant.
             granularity: ``"hour"``, ``"day"`` or ``"month"`` to add a UTC time bucket, or ``None``.
+            percentiles: ``"exact"`` latency percentiles (memory grows with the number of traces per group) or
+                ``"approximate"`` ones (a t-digest: bounded memory, usually within about 1%), for reports
+                over very many traces.
             **filters: The filters of :meth:`list` (agent_id, model, is_error, ...).
 
         Returns:
             One :class:`UsageRow` per group, ordered by bucket then group keys.
         """
-        keys = validate_grouping(group_by, granularity)
+        keys = validate_grouping(group_by, granularity, percentiles)
         trace_filter = _filter(organization_id, {**filters, "since": since, "until": until})
-        statement = trace_filter.apply(usage_statement(keys, granularity))
+        statement = trace_filter.apply(usage_statement(keys, granularity, percentiles))
         with database_errors("computing usage"), self.engine.connect() as connection:
             rows = connection.execute(statement).mappings().all()
         return [usage_row(row, keys, granularity) for row in rows]

@@ -142,6 +142,7 @@ def test_unknown_token_counts_stay_unknown(migrated_engine: Engine) -> None:
         ({"group_by": ("modle",)}, "group_by: unknown key(s) 'modle'; use any of organization_id"),
         ({"group_by": ("model", "model")}, "repeats a key"),
         ({"granularity": "week"}, "granularity: unknown value 'week'; use one of hour, day, month"),
+        ({"percentiles": "median"}, "percentiles: unknown value 'median'; use one of exact, approximate"),
     ],
 )
 def test_bad_usage_arguments(repository: TraceRepository, arguments: dict[str, Any], message: str) -> None:
@@ -154,3 +155,22 @@ def test_group_keys_read_as_attributes(repository: TraceRepository) -> None:
     assert row.model == row.group["model"] and row.agent_id == row.group["agent_id"]
     with pytest.raises(AttributeError, match="group keys: model, agent_id"):
         _ = row.provider
+
+
+def test_approximate_percentiles_are_close_to_the_exact_ones(repository: TraceRepository) -> None:
+    exact = {row.model: row for row in repository.usage(group_by=("model",))}
+    approximate = repository.usage(group_by=("model",), percentiles="approximate")
+    assert {row.model for row in approximate} == set(exact)
+    values = []
+    for row in approximate:
+        assert (row.requests, row.total_tokens, row.latency_avg_ms) == (
+            exact[row.model].requests,
+            exact[row.model].total_tokens,
+            exact[row.model].latency_avg_ms,
+        )
+        for level in ("p50", "p95", "p99"):
+            value = getattr(row, f"latency_{level}_ms")
+            assert value == pytest.approx(getattr(exact[row.model], f"latency_{level}_ms"), rel=0.01), level
+            values.append(value)
+    # The exact method only ever returns stored (whole) latencies; the t-digest interpolates between them.
+    assert any(value != int(value) for value in values)
