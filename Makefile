@@ -33,6 +33,7 @@ format: install
 
 bench: install
 	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/backfill.py
 	$(BIN)/python benchmarks/reads.py
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/writer.py

@@ -3,9 +3,10 @@
 The batch's keys travel to ClickHouse in the Native format through a session-scoped temporary table and
 are matched with a semi-join on ``(organization_id, agent_id, created_at, id)``: the table's sort key plus
 the id. Matching on the sort key lets ClickHouse's primary-key analysis skip every granule that cannot hold
-one of the batch's traces, so the cost follows the batch, not the table (measured on 1M rows: 15 of 129
-granules read for a batch of new traces, against all 129 when matching on ``(organization_id, id)``). A
-re-sent trace has the same agent and creation time as its first copy, so this finds it.
+one of the batch's traces (measured on 1M rows: 15 of 129 granules read for a batch of new traces, against
+all 129 when matching on ``(organization_id, id)``). A batch scattered over the table's whole history still
+falls into most granules, so for shuffled backfills the cost grows with the table (benchmarks/backfill.py).
+A re-sent trace has the same agent and creation time as its first copy, so this finds it.
 
 Before that, a probe asks whether any stored row shares an organization and an agent with the batch and
 was created no earlier than the batch's oldest trace. Every stored copy of a batch trace would be such a row,
