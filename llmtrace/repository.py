@@ -325,7 +325,8 @@ class TraceRepository:
         erasure request needs, at the cost of rewriting those parts. With ``erase=False`` the rows are only
         masked (a lightweight ``DELETE FROM``): hidden from every query at once and cheap, but still on disk
         until merges rewrite their parts. Either way the method then reads again and raises if any matching
-        row is still visible. Traces written again after a delete are stored again.
+        row is still visible. Traces written again after a delete are stored again; that includes traces
+        still waiting in a :class:`llmtrace.TraceWriter`'s buffer or spool, so flush writers before erasing.
 
         Returns:
             The number of traces removed.
