@@ -18,7 +18,7 @@ from llmtrace.record import TABLE_NAME
 
 # Mutation ids are "mutation_<n>.txt" on a single server and zero-padded numbers on replicated tables; both
 # grow with every mutation. A user who may not see the table's mutations should read 0 (system tables list
-# only what a user may see; not verified here, where no server runs), i.e. a token without it.
+# only what a user may see; the tests run on the embedded engine only), i.e. a token without it.
 _LATEST_MUTATION = (
     "SELECT max(toUInt64OrZero(extract(mutation_id, '[0-9]+'))) FROM system.mutations "
     "WHERE database = currentDatabase() AND table = %(table)s"
