@@ -122,6 +122,13 @@ class TraceRepository:
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if isinstance(traces, (LLMTrace, Mapping, str, bytes)):
+            # Each is iterable (a model yields (field, value) pairs), so without this check it would fail item
+            # by item with errors that do not say what went wrong.
+            raise TypeError(
+                f"add_many() takes an iterable of traces, got a single {type(traces).__name__}; "
+                "use add() for one trace, or wrap it in a list"
+            )
         # Sequences have a length; other iterables may announce one (__length_hint__) for the progress bar.
         total = operator.length_hint(traces) or None
         batches: Iterable[list[LLMTrace]]

@@ -172,6 +172,15 @@ def test_batch_size_must_be_positive(repository: TraceRepository) -> None:
         repository.add_many([make_trace(1)], batch_size=0)
 
 
+@pytest.mark.parametrize("single", [make_trace(1), make_trace(1).model_dump()], ids=["LLMTrace", "dict"])
+def test_a_single_trace_is_refused_with_a_pointer_to_add(
+    repository: TraceRepository, migrated_engine: Engine, single: Any
+) -> None:
+    with pytest.raises(TypeError, match=r"takes an iterable of traces, got a single (LLMTrace|dict); use add\(\)"):
+        repository.add_many(single)
+    assert stored_rows(migrated_engine) == 0
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(traces=st.lists(llm_traces(), min_size=1, max_size=8))
 def test_any_valid_traces_round_trip(repository: TraceRepository, traces: list[LLMTrace]) -> None:
