@@ -12,6 +12,7 @@ from llmtrace.errors import (
     InvalidCursor,
     LLMTraceError,
     MigrationError,
+    SchemaNotMigratedError,
     TraceNotFound,
     TraceValidationError,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "LLMTraceError",
     "LLMTraceRecord",
     "MigrationError",
+    "SchemaNotMigratedError",
     "TraceNotFound",
     "TracePage",
     "TraceRepository",

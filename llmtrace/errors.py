@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -28,6 +29,10 @@ class MigrationError(LLMTraceError):
 
 class DatabaseError(LLMTraceError):
     """ClickHouse rejected or failed a statement; the driver's exception is the ``__cause__``."""
+
+
+class SchemaNotMigratedError(DatabaseError):
+    """The traces table does not exist in the database: the migrations have not been run against it."""
 
 
 class TraceNotFound(LLMTraceError, LookupError):  # noqa: N818 (the public name the API promises)
@@ -70,7 +75,23 @@ def database_errors(action: str) -> Iterator[None]:
         yield
     except (DBAPIError, DriverError) as exc:
         original = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
-        raise DatabaseError(f"ClickHouse failed while {action}: {_first_line(original)}") from exc
+        message = f"ClickHouse failed while {action}: {_first_line(original)}"
+        if _names_missing_traces_table(str(original)):
+            raise SchemaNotMigratedError(
+                "The llm_traces table does not exist in this database. Create it with `alembic upgrade head`, "
+                "`llmtrace migrate` or llmtrace.migrations.upgrade(engine).\n" + message
+            ) from exc
+        raise DatabaseError(message) from exc
+
+
+def _names_missing_traces_table(text: str) -> bool:
+    # ClickHouse says "Unknown table expression identifier 'llm_traces'" in a query and "Table db.llm_traces
+    # does not exist" in an insert. Matching the table's own name keeps a missing temporary table, whose
+    # message also quotes the query around it, from being taken for an unmigrated database.
+    from llmtrace.record import TABLE_NAME
+
+    pattern = rf"identifier '{TABLE_NAME}'|Table \S*\b{TABLE_NAME} does not exist"
+    return "UNKNOWN_TABLE" in text and re.search(pattern, text) is not None
 
 
 def _first_line(exc: BaseException) -> str:

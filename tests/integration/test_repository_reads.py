@@ -9,7 +9,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import Engine, text
 
-from llmtrace import DatabaseError, InvalidCursor, LLMTrace, TraceNotFound, TraceRepository
+from llmtrace import DatabaseError, InvalidCursor, LLMTrace, SchemaNotMigratedError, TraceNotFound, TraceRepository
+from llmtrace.errors import database_errors
 from llmtrace.filters import TraceFilter
 from tests.factories import BASE_TIME, make_trace
 
@@ -195,6 +196,21 @@ def test_database_errors_are_mapped_with_the_cause(repository: TraceRepository, 
     assert caught.value.__cause__ is not None
     with pytest.raises(DatabaseError, match="ClickHouse failed while"):
         repository.add(make_trace(1))
+
+
+def test_an_unmigrated_database_says_how_to_migrate(repository: TraceRepository, migrated_engine: Engine) -> None:
+    with migrated_engine.connect() as connection:
+        # Another missing table, in a query that names llm_traces, is an ordinary database error.
+        with pytest.raises(DatabaseError) as other, database_errors("testing"):
+            connection.execute(text("SELECT t.id FROM llm_traces AS t INNER JOIN no_such_table AS n ON t.id = n.id"))
+        assert not isinstance(other.value, SchemaNotMigratedError)
+        connection.execute(text("DROP TABLE llm_traces"))
+    for action in (
+        lambda: repository.get("org-1", "x"),
+        lambda: repository.add_many([make_trace(1)], skip_stored=False),
+    ):
+        with pytest.raises(SchemaNotMigratedError, match="Create it with `alembic upgrade head`, `llmtrace migrate`"):
+            action()
 
 
 def test_programming_errors_are_not_swallowed(repository: TraceRepository) -> None:
