@@ -233,6 +233,38 @@ def test_asyncio_tasks_cancelled_midway_lose_nothing_submitted(migrated_engine: 
     assert ids == set(submitted) and stored(migrated_engine)[0] == len(submitted)
 
 
+def test_reads_from_worker_threads_while_the_writer_writes(migrated_engine: Engine) -> None:
+    # What the README tells asyncio users to do: repository reads through asyncio.to_thread, writes through
+    # AsyncTraceWriter, all at once on one embedded engine.
+    repository = TraceRepository(migrated_engine)
+    stored_first = traces(600)
+    repository.add_many(stored_first)
+
+    async def main() -> list[int]:
+        async with AsyncTraceWriter(repository, batch_size=100, flush_interval=0.02) as writer:
+
+            async def read(seed: int) -> int:
+                rng = random.Random(seed)
+                for _ in range(15):
+                    trace = rng.choice(stored_first)
+                    assert await asyncio.to_thread(repository.get, "org-1", trace.id) == trace
+                    page = await asyncio.to_thread(repository.list, "org-1", limit=20)
+                    assert len(page.items) == 20
+                    await asyncio.to_thread(repository.usage, group_by=("model",))
+                return 15
+
+            async def write() -> int:
+                for trace in traces(1_500, start=600):
+                    writer.submit(trace)
+                    await asyncio.sleep(0)
+                return 1_500
+
+            return await asyncio.gather(write(), *(read(seed) for seed in range(4)))
+
+    assert asyncio.run(main()) == [1_500, 15, 15, 15, 15]
+    assert stored(migrated_engine) == (2_100, 2_100)
+
+
 def test_close_with_a_stalled_database_returns_in_time(migrated_engine: Engine, tmp_path: Path) -> None:
     repository = FaultyRepository(migrated_engine)
     repository.stall.clear()
