@@ -239,8 +239,21 @@ class LLMTrace(BaseModel):
         return list(CLICKHOUSE_COLUMNS)
 
 
+def insert_column_data(traces: Sequence[LLMTrace]) -> list[list[Any]]:
+    """:meth:`LLMTrace.to_clickhouse_column_data` with ``created_at`` as microseconds since the epoch.
+
+    That is what a DateTime64(6) column stores, and the driver sends such integers as they are. Converting once
+    here, in C-level timedelta arithmetic, is several times cheaper than the driver's per-value conversion,
+    which would otherwise run twice per batch (for the stored-trace lookup and for the insert).
+    """
+    columns = LLMTrace.to_clickhouse_column_data(traces)
+    columns[_CREATED_AT] = [epoch_micros(moment) for moment in columns[_CREATED_AT]]
+    return columns
+
+
 # The column order is the field order; tests check it against the reference list spelled out by hand.
 CLICKHOUSE_COLUMNS: tuple[str, ...] = tuple(LLMTrace.model_fields)
+_CREATED_AT = CLICKHOUSE_COLUMNS.index("created_at")
 _FIELD_VALUES = itemgetter(*CLICKHOUSE_COLUMNS)
 _OPTIONAL_STRING_COLUMNS = frozenset(CLICKHOUSE_COLUMNS.index(name) for name in _OPTIONAL_STRINGS)
 _FLAG_COLUMNS = frozenset(CLICKHOUSE_COLUMNS.index(name) for name in _FLAGS)

@@ -25,7 +25,7 @@ from llmtrace.engine import driver_client
 from llmtrace.errors import DatabaseError, TraceNotFound, TraceValidationError, database_errors
 from llmtrace.filters import TraceFilter
 from llmtrace.insert_token import batch_token, latest_mutation
-from llmtrace.model import CLICKHOUSE_COLUMNS, LLMTrace, epoch_micros
+from llmtrace.model import CLICKHOUSE_COLUMNS, LLMTrace, insert_column_data
 from llmtrace.pagination import Position, TracePage, decode_cursor, encode_cursor
 from llmtrace.record import TABLE_NAME, TRACES_TABLE
 from llmtrace.stored_lookup import Identity, StoredKeys, stored_identities
@@ -33,7 +33,6 @@ from llmtrace.usage import UsageRow, usage_row, usage_statement, validate_groupi
 
 TABLE = TRACES_TABLE
 ORGANIZATION, ID = CLICKHOUSE_COLUMNS.index("organization_id"), CLICKHOUSE_COLUMNS.index("id")
-CREATED_AT = CLICKHOUSE_COLUMNS.index("created_at")
 DEFAULT_BATCH_SIZE = 10_000
 MAX_PAGE_SIZE = 10_000
 # A batch may span many months (backfills); ClickHouse's default refuses more than 100 partitions per insert.
@@ -156,11 +155,7 @@ class TraceRepository:
     @staticmethod
     def _prepare(connection: Connection, batch: list[LLMTrace], *, skip_stored: bool) -> PreparedBatch:
         """Column data of the batch's traces that are neither repeated within it nor (``skip_stored``) stored."""
-        columns = LLMTrace.to_clickhouse_column_data(batch)
-        # DateTime64(6) columns take microseconds since the epoch as they are; converting here, once, in C-level
-        # timedelta arithmetic, is several times cheaper than the driver's per-value conversion, which would
-        # otherwise run twice (for the lookup and for the insert).
-        columns[CREATED_AT] = [epoch_micros(moment) for moment in columns[CREATED_AT]]
+        columns = insert_column_data(batch)
         skipped: set[Identity] = set()
         if skip_stored:
             with database_errors(f"checking which of {len(batch)} traces are already stored"):

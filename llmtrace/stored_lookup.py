@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from llmtrace.model import CLICKHOUSE_COLUMNS, LLMTrace, epoch_micros
+from llmtrace.model import CLICKHOUSE_COLUMNS, LLMTrace, insert_column_data
 from llmtrace.record import TABLE_NAME
 
 logger = logging.getLogger(__name__)
@@ -67,16 +67,13 @@ class StoredKeys:
 
     @classmethod
     def from_columns(cls, columns: Sequence[list[Any]]) -> StoredKeys:
-        """Take the key columns out of ``LLMTrace.to_clickhouse_column_data`` output (no copying)."""
+        """Take the key columns out of :func:`llmtrace.model.insert_column_data` output (no copying)."""
         return cls(*(columns[CLICKHOUSE_COLUMNS.index(name)] for name in STAGING_COLUMNS))
 
     @classmethod
     def from_traces(cls, traces: Sequence[LLMTrace]) -> StoredKeys:
         """The keys of ``traces`` (for callers that have no column data yet)."""
-        columns = LLMTrace.to_clickhouse_column_data(traces)
-        created_at = CLICKHOUSE_COLUMNS.index("created_at")
-        columns[created_at] = [epoch_micros(moment) for moment in columns[created_at]]
-        return cls.from_columns(columns)
+        return cls.from_columns(insert_column_data(traces))
 
     def identities(self) -> list[Identity]:
         return list(zip(self.organization_id, self.id, strict=True))
