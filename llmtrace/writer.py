@@ -368,7 +368,7 @@ class TraceWriter:
                     return None
                 else:
                     self._wake_writer.wait(timeout=self.flush_interval)
-                    if self._dropped_unreported or (self._replay_due and time.monotonic() >= self._next_idle_replay):
+                    if self._dropped_unreported or self._idle_replay_is_due():
                         return []  # nothing to write, but drops to report or a replay to try
             self._depth -= len(batch)
             self._in_flight = batch
@@ -428,7 +428,7 @@ class TraceWriter:
             self._counts["spooled"] += len(batch)
             self._replay_due = True
             # The database just refused this batch (or the buffer overflowed): give it time before a replay.
-            self._next_idle_replay = time.monotonic() + self.replay_interval
+            self._postpone_idle_replay()
 
     def _sync_spool(self) -> None:
         if self._spool is not None:
@@ -462,7 +462,7 @@ class TraceWriter:
             except DatabaseError as exc:
                 with self._lock:
                     self._replay_due = True
-                    self._next_idle_replay = time.monotonic() + self.replay_interval
+                    self._postpone_idle_replay()
                     self._last_error = str(exc)
                 self._emit(WriterEvent("replay_failed", 0, f"replay of {path} failed; will retry later", exc))
                 return
@@ -471,9 +471,17 @@ class TraceWriter:
 
     def _replay_when_idle(self) -> None:
         with self._lock:
-            due = self._replay_due and time.monotonic() >= self._next_idle_replay
+            due = self._idle_replay_is_due()
         if due:
             self._replay_spool()
+
+    def _idle_replay_is_due(self) -> bool:
+        """Whether spooled batches wait and the idle replay timer has run out (lock held)."""
+        return self._replay_due and time.monotonic() >= self._next_idle_replay
+
+    def _postpone_idle_replay(self) -> None:
+        """Start the idle replay timer over (lock held)."""
+        self._next_idle_replay = time.monotonic() + self.replay_interval
 
     def _report_drops(self) -> None:
         with self._lock:
