@@ -28,7 +28,17 @@ class MigrationError(LLMTraceError):
 
 
 class DatabaseError(LLMTraceError):
-    """ClickHouse rejected or failed a statement; the driver's exception is the ``__cause__``."""
+    """ClickHouse rejected or failed a statement, or could not be reached; the driver's exception is the ``__cause__``.
+
+    Attributes:
+        transient: Whether the same statement may succeed if tried again later (the server was unreachable,
+            timed out or overloaded), as opposed to a failure that repeats (bad SQL, a missing table, a value
+            the column rejects).
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class SchemaNotMigratedError(DatabaseError):

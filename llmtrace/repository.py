@@ -68,6 +68,11 @@ class TraceRepository:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
+    @property
+    def destination(self) -> str:
+        """``database.table`` that this repository writes to, e.g. to tell apart spooled traces of several."""
+        return f"{self.engine.url.database or 'default'}.{TABLE_NAME}"
+
     # -- writes -------------------------------------------------------------------------------------------
 
     def add(self, trace: TraceInput) -> None:
@@ -139,7 +144,7 @@ class TraceRepository:
         written = 0
         bar = tqdm(total=total, disable=not progress, unit="trace", desc="writing traces")
         mutation: int | None = None  # read once per call, before the first insert (see llmtrace.insert_token)
-        with bar, self.engine.connect() as connection:
+        with bar, database_errors("connecting to ClickHouse"), self.engine.connect() as connection:
             try:
                 for batch in batches:
                     prepared = self._prepare(connection, batch, skip_stored=skip_stored)
