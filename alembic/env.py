@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import os
 from logging.config import fileConfig
+from typing import Any
 
 from alembic import context
-from clickhouse_connect.cc_sqlalchemy.alembic import clickhouse_writer, include_object
+from clickhouse_connect.cc_sqlalchemy.alembic import clickhouse_writer
+from clickhouse_connect.cc_sqlalchemy.alembic import include_object as include_clickhouse_object
 from sqlalchemy import Connection
 
 from llmtrace.engine import DEFAULT_URL, ENV_VAR, get_engine
-from llmtrace.record import Base
+from llmtrace.record import HIDDEN_COLUMNS, Base
 
 config = context.config
 if config.config_file_name is not None and "connection" not in config.attributes:
@@ -25,6 +27,18 @@ if config.config_file_name is not None and "connection" not in config.attributes
     # connection keeps its own logging configuration.
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 target_metadata = config.attributes.get("target_metadata", Base.metadata)
+
+
+def include_object(object_: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
+    """clickhouse-connect's filter, plus llmtrace's hidden bookkeeping columns (see llmtrace.record).
+
+    They are MATERIALIZED columns that migrations create and the declarative model leaves out on purpose, so
+    autogenerate must neither drop them nor report them as drift.
+    """
+    if type_ == "column" and reflected and name in HIDDEN_COLUMNS:
+        return False
+    return include_clickhouse_object(object_, name, type_, reflected, compare_to)
+
 
 CONFIGURE_OPTIONS = {
     "target_metadata": target_metadata,

@@ -21,9 +21,15 @@ The engine is MergeTree, ``ORDER BY (organization_id, agent_id, created_at)``: e
 organization and most to one agent, so the sort key prunes granules for them and for time ranges.
 ``PARTITION BY toYYYYMM(created_at)`` keeps parts per month, so retention can drop whole partitions.
 
-Point lookups on columns outside the sort key use bloom-filter skip indexes (:data:`SKIP_INDEXES`). They are
-not part of SQLAlchemy's metadata (ClickHouse skip indexes are not SQLAlchemy ``Index`` objects); the
-migrations create them, and a test checks the migrated table has exactly these.
+Point lookups on columns outside the sort key use bloom-filter skip indexes; they are listed, with the minmax index
+of the hidden column below, in :data:`SKIP_INDEXES`. They are not part of SQLAlchemy's metadata (ClickHouse skip
+indexes are not SQLAlchemy ``Index`` objects); the migrations create them, and a test checks the migrated table
+has exactly these.
+
+One more column exists in the table but not in this class: ``insert_attempt``, ``MATERIALIZED`` from the
+insert's ``log_comment`` when llmtrace sends it (migration 0002). It records which insert attempt stored each
+row, so that ``add_many`` can count the rows it really stored (see :mod:`llmtrace.ingest`). MATERIALIZED
+columns are not part of ``SELECT *`` and cannot be inserted into, so nothing else sees it.
 
 ``non_replicated_deduplication_window`` makes the table remember the hashes of its most recent inserted
 blocks; an insert that repeats one (same data, or same ``insert_deduplication_token``) is stored once. This
@@ -57,6 +63,11 @@ PAYLOAD_CODEC = "ZSTD(3)"
 # Recent inserted blocks whose hashes the table keeps for deduplication. A retry that comes after more than
 # this many other inserts is no longer recognised; 10,000 covers hours of retries at one batch per second.
 DEDUPLICATION_WINDOW = 10_000
+INSERT_ATTEMPT_COLUMN = "insert_attempt"
+# What the insert_attempt column stores is the insert's log_comment when it starts with this prefix.
+INSERT_ATTEMPT_PREFIX = "llmtrace:"
+# Columns of the table that the declarative class leaves out on purpose (Alembic's autogenerate ignores them).
+HIDDEN_COLUMNS = frozenset({INSERT_ATTEMPT_COLUMN})
 
 
 @dataclass(frozen=True)
@@ -69,9 +80,13 @@ class SkipIndex:
     granularity: int
 
 
-SKIP_INDEXES: tuple[SkipIndex, ...] = tuple(
-    SkipIndex(name=f"idx_{column}", expression=column, type="bloom_filter(0.01)", granularity=1)
-    for column in ("id", "run_id", "step_id", "trace_id")
+SKIP_INDEXES: tuple[SkipIndex, ...] = (
+    *(
+        SkipIndex(name=f"idx_{column}", expression=column, type="bloom_filter(0.01)", granularity=1)
+        for column in ("id", "run_id", "step_id", "trace_id")
+    ),
+    # Attempt ids grow with time, so a part's min/max excludes every attempt made after it was written.
+    SkipIndex(name="idx_insert_attempt", expression="insert_attempt", type="minmax", granularity=64),
 )
 
 

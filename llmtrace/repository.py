@@ -9,49 +9,28 @@ from __future__ import annotations
 
 import builtins
 import operator
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from itertools import islice
 from typing import Any
 
-from pydantic import ValidationError
-from sqlalchemy import Connection, Engine, delete, func, select
+from sqlalchemy import Engine, delete, func, select
 from tqdm import tqdm
 
 from llmtrace.alter_delete import AlterTableDelete
 from llmtrace.conversion import trace_from_row
 from llmtrace.engine import driver_client
-from llmtrace.errors import DatabaseError, TraceNotFound, TraceValidationError, database_errors
+from llmtrace.errors import DatabaseError, TraceNotFound, database_errors
 from llmtrace.filters import TraceFilter
-from llmtrace.insert_token import batch_token, latest_mutation
-from llmtrace.model import CLICKHOUSE_COLUMNS, LLMTrace, insert_column_data
+from llmtrace.ingest import TraceInput, validate_traces, validated_batches, write_batch
+from llmtrace.model import LLMTrace
 from llmtrace.pagination import Position, TracePage, decode_cursor, encode_cursor
 from llmtrace.record import TABLE_NAME, TRACES_TABLE
-from llmtrace.stored_lookup import Identity, StoredKeys, stored_identities
+from llmtrace.stored_lookup import StoredTraces
 from llmtrace.usage import UsageRow, usage_row, usage_statement, validate_grouping
 
 TABLE = TRACES_TABLE
-ORGANIZATION, ID = CLICKHOUSE_COLUMNS.index("organization_id"), CLICKHOUSE_COLUMNS.index("id")
 DEFAULT_BATCH_SIZE = 10_000
 MAX_PAGE_SIZE = 10_000
-# A batch may span many months (backfills); ClickHouse's default refuses more than 100 partitions per insert.
-INSERT_SETTINGS = {"max_partitions_per_insert_block": 0}
-
-TraceInput = LLMTrace | Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class PreparedBatch:
-    """A batch ready to insert: its column data, and how many traces the caller handed in for it."""
-
-    size: int
-    columns: list[list[Any]]
-
-    @property
-    def written(self) -> int:
-        """How many traces the insert writes (repeats and stored traces are dropped from the columns)."""
-        return len(self.columns[ID])
 
 
 class TraceRepository:
@@ -87,28 +66,27 @@ class TraceRepository:
         skip_stored: bool = True,
         progress: bool = False,
     ) -> int:
-        """Store traces in batches, exactly once.
+        """Store traces in batches, exactly once; the steps and the argument are in :mod:`llmtrace.ingest`.
 
         Validation is atomic: when ``traces`` is a sequence (list, tuple), every item is validated before
         anything is written, and one invalid item means nothing is written. Other iterables (generators) are
         consumed ``batch_size`` items at a time so that memory stays bounded; each batch is validated before
-        it is written, so an invalid item stops the call with the earlier batches already stored (the error
-        says how many).
+        it is written, so an invalid item stops the call with the earlier batches already stored. Whatever
+        stops a call part-way, its exception carries a note saying how many traces earlier batches stored.
 
         What is deduplicated: a trace is identified by ``(organization_id, id)``. Within a call, repeats of
         an identity are written once (the first wins). With ``skip_stored`` (the default), traces already
         stored are skipped, so re-sending a batch, or a batch that overlaps earlier ones, stores each trace
-        once; the lookup (one query per batch) recognises a stored copy by its sort key and id, i.e. it must
-        also have the same ``agent_id`` and ``created_at``, which a re-sent trace does. A batch retried
-        while its first attempt may still be landing (e.g. after a timeout) is recognised by ClickHouse
-        itself through an ``insert_deduplication_token`` derived from the batch's identities.
+        once; the lookup recognises a stored copy by its sort key and id, i.e. it must also have the same
+        ``agent_id`` and ``created_at``, which a re-sent trace does. A batch retried while its first attempt
+        may still be landing (e.g. after a timeout), or sent by two threads or processes at once, is stored
+        once by ClickHouse itself through an ``insert_deduplication_token`` derived from the batch's
+        identities; after a :meth:`delete`, traces written again are stored again.
 
-        What is not: two processes writing overlapping (not identical) batches at the same moment can both
-        pass the lookup; a trace re-created with the same id but another ``agent_id`` or ``created_at`` is
-        only caught if its whole batch is identical (the token); and a retry that arrives after more than
-        the table's deduplication window (10,000 inserts) is no longer recognised by the token, only by
-        the lookup. After :meth:`delete`, traces written again are stored again (the token changes
-        with every delete).
+        What is not: two overlapping (not identical) batches written at the same moment can both pass the
+        lookup; a trace re-created with the same id but another ``agent_id`` or ``created_at`` is another
+        trace to the lookup; with ``skip_stored=False``, a retry that arrives after more than the table's
+        deduplication window (10,000 inserts) is stored again.
 
         Args:
             traces: :class:`LLMTrace` objects or mappings of their fields (validated like the model).
@@ -118,14 +96,15 @@ class TraceRepository:
             progress: Show a progress bar on stderr, with a total when ``traces`` has a length or a length hint.
 
         Returns:
-            The number of traces written (skipped duplicates are not counted).
+            The number of rows this call stored: repeats, traces already stored and blocks ClickHouse dropped
+            as duplicates are not counted.
 
         Raises:
             TraceValidationError: Listing every invalid item by index and field.
-            DatabaseError: ClickHouse failed.
+            DatabaseError: ClickHouse failed or could not be reached.
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int of at least 1, got {batch_size!r}")
         if isinstance(traces, (LLMTrace, Mapping, str, bytes)):
             # Each is iterable (a model yields (field, value) pairs), so without this check it would fail item
             # by item with errors that do not say what went wrong.
@@ -143,53 +122,17 @@ class TraceRepository:
             batches = validated_batches(traces, batch_size)
         written = 0
         bar = tqdm(total=total, disable=not progress, unit="trace", desc="writing traces")
-        mutation: int | None = None  # read once per call, before the first insert (see llmtrace.insert_token)
         with bar, database_errors("connecting to ClickHouse"), self.engine.connect() as connection:
+            client = driver_client(connection)
+            stored = StoredTraces(client)
             try:
                 for batch in batches:
-                    prepared = self._prepare(connection, batch, skip_stored=skip_stored)
-                    if prepared.written and mutation is None:
-                        with database_errors("reading the traces table's latest mutation"):
-                            mutation = latest_mutation(driver_client(connection))
-                    written += self._insert(connection, prepared, bar, mutation=mutation or 0)
-            except TraceValidationError as exc:
-                exc.add_note(f"{written} trace(s) from earlier batches of this call were already written.")
+                    written += write_batch(client, stored, batch, skip_stored=skip_stored)
+                    bar.update(len(batch))
+            except Exception as exc:
+                exc.add_note(f"llmtrace: {written} trace(s) from earlier batches of this call were stored.")
                 raise
         return written
-
-    @staticmethod
-    def _prepare(connection: Connection, batch: list[LLMTrace], *, skip_stored: bool) -> PreparedBatch:
-        """Column data of the batch's traces that are neither repeated within it nor (``skip_stored``) stored."""
-        columns = insert_column_data(batch)
-        skipped: set[Identity] = set()
-        if skip_stored:
-            with database_errors(f"checking which of {len(batch)} traces are already stored"):
-                skipped = stored_identities(driver_client(connection), StoredKeys.from_columns(columns))
-        # One mask drops both stored traces and later repeats within the batch (the first occurrence wins). The
-        # common case, nothing to drop, is told apart by a set of ids built in C: no Python loop per trace.
-        if skipped or len(set(columns[ID])) < len(batch):
-            keep = []
-            for identity in zip(columns[ORGANIZATION], columns[ID], strict=True):
-                keep.append(identity not in skipped)
-                skipped.add(identity)
-            columns = [[value for value, kept in zip(column, keep, strict=True) if kept] for column in columns]
-        return PreparedBatch(size=len(batch), columns=columns)
-
-    @staticmethod
-    def _insert(connection: Connection, prepared: PreparedBatch, bar: tqdm[Any], *, mutation: int) -> int:
-        if prepared.written:
-            token = batch_token(prepared.columns[ORGANIZATION], prepared.columns[ID], mutation=mutation)
-            settings = {**INSERT_SETTINGS, "insert_deduplication_token": token}
-            with database_errors(f"inserting {prepared.written} traces"):
-                driver_client(connection).insert(
-                    TABLE_NAME,
-                    prepared.columns,
-                    column_names=list(CLICKHOUSE_COLUMNS),
-                    column_oriented=True,
-                    settings=settings,
-                )
-        bar.update(prepared.size)
-        return prepared.written
 
     # -- reads --------------------------------------------------------------------------------------------
 
@@ -363,41 +306,3 @@ def _filter(organization_id: str | None, filters: Mapping[str, Any]) -> TraceFil
     except TypeError as exc:
         accepted = ", ".join(name for name in TraceFilter.__dataclass_fields__ if name != "organization_id")
         raise TypeError(f"{exc}; the accepted filters are {accepted}") from exc
-
-
-def validate_traces(items: Iterable[TraceInput], *, start: int) -> list[LLMTrace]:
-    """Validate every item, collecting all problems before raising.
-
-    Args:
-        items: Traces or mappings of their fields.
-        start: Index of the first item within the caller's whole input, for the error report.
-
-    Raises:
-        TraceValidationError: At least one item is invalid.
-    """
-    traces: list[LLMTrace] = []
-    problems: list[tuple[int, str, str]] = []
-    for index, item in enumerate(items, start):
-        if isinstance(item, LLMTrace):
-            traces.append(item)
-        elif isinstance(item, Mapping):
-            try:
-                traces.append(LLMTrace.model_validate(item))
-            except ValidationError as exc:
-                for error in exc.errors():
-                    field = ".".join(str(part) for part in error["loc"]) or "(item)"
-                    problems.append((index, field, error["msg"]))
-        else:
-            problems.append((index, "(item)", f"expected an LLMTrace or a mapping, got {type(item).__name__}"))
-    if problems:
-        raise TraceValidationError(problems)
-    return traces
-
-
-def validated_batches(items: Iterable[TraceInput], batch_size: int) -> Iterator[list[LLMTrace]]:
-    """Consume ``items`` in batches of ``batch_size``, validating each before yielding it."""
-    iterator = iter(items)
-    start = 0
-    while chunk := list(islice(iterator, batch_size)):
-        yield validate_traces(chunk, start=start)
-        start += len(chunk)

@@ -1,60 +1,58 @@
-"""Find which traces of a batch are already stored, so that overlapping batches are written once.
+"""Ask ClickHouse which traces of a batch it already holds, sending the batch's keys as data, never as SQL text.
 
-The batch's keys travel to ClickHouse in the Native format through a session-scoped temporary table and
-are matched with a semi-join on ``(organization_id, agent_id, created_at, id)``: the table's sort key plus
-the id. Matching on the sort key lets ClickHouse's primary-key analysis skip every granule that cannot hold
-one of the batch's traces (measured on 1M rows: 15 of 129 granules read for a batch of new traces, against
-all 129 when matching on ``(organization_id, id)``). A batch scattered over the table's whole history still
-falls into most granules, so for shuffled backfills the cost grows with the table (benchmarks/backfill.py).
-A re-sent trace has the same agent and creation time as its first copy, so this finds it.
+A trace's stored copy has the same ``(organization_id, agent_id, created_at)``, the table's sort key, and the
+same ``id``. The batch's sort keys go to ClickHouse in its Native format, into a temporary table of the
+connection's session, and one query selects the stored rows whose sort key is among them: ClickHouse's
+primary-key analysis then reads only the granules that can hold those keys. Comparing the ids of the few rows
+it returns happens here, so the id column is never read for rows that cannot match.
 
-Before that, a probe asks whether any stored row shares an organization and an agent with the batch and
-was created no earlier than the batch's oldest trace. Every stored copy of a batch trace would be such a row,
-so when there is none the lookup is skipped. A service writing its traces as they happen (each batch newer
-than the last) mostly skips it; a backfill of shuffled history always pays for both.
+Why not literals in the query text: a batch may span thousands of organizations and tens of thousands of
+agents, and their list alone exceeded ClickHouse's ``max_query_size``; the driver also escapes each literal in
+Python and the server parses it (10,000 ids cost ~0.16 s that way, against ~0.02 s as Native data).
 
-Listing the keys as literals in the query text would be simpler, but the driver escapes literals character
-by character in Python and the server parses each one: 10,000 ids cost ~0.16 s that way against ~0.035 s
-through the temporary table. Temporary tables need a session; where the server refuses one (e.g. a load
-balancer without sticky sessions), the lookup falls back to bound literals matched on
-``(organization_id, id)`` (bound datetimes lose their microseconds), logging a warning.
+What this costs follows how many granules a batch's keys fall into: few for traces that are newer than what
+the table holds for their agents (a live service), most of the table for a batch scattered over its history
+(a shuffled backfill): see benchmarks/backfill.py.
+
+Temporary tables live in a session. Where the server refuses one (a load balancer without sticky sessions),
+the lookup falls back to queries that name at most ``LITERAL_CHUNK`` identities each, logging a warning once.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from llmtrace.model import CLICKHOUSE_COLUMNS, LLMTrace, insert_column_data
+from llmtrace.model import CLICKHOUSE_COLUMNS
 from llmtrace.record import TABLE_NAME
 
 logger = logging.getLogger(__name__)
 
 Identity = tuple[str, str]
 STAGING_TABLE = "llmtrace_batch_keys"
-# The literal fallback lists a batch's ids in the query text; 10,000 UUIDs exceed the default 256 KiB.
-LITERAL_SETTINGS = {"max_query_size": 64 * 1024 * 1024}
+# Identities per query of the fallback: ~1,000 UUID pairs are ~60 KB of SQL, well under the default 256 KiB.
+LITERAL_CHUNK = 1_000
 
-STAGING_COLUMNS = ("organization_id", "agent_id", "created_at", "id")
+STAGED_COLUMNS = ("organization_id", "agent_id", "created_at")
 _CREATE_STAGING = (
     f"CREATE TEMPORARY TABLE IF NOT EXISTS {STAGING_TABLE} "
-    "(organization_id String, agent_id String, created_at DateTime64(6, 'UTC'), id String) ENGINE = Memory"
+    "(organization_id String, agent_id String, created_at DateTime64(6, 'UTC')) ENGINE = Memory"
 )
+_SELECT_KEYS = "SELECT organization_id, agent_id, toUnixTimestamp64Micro(created_at), id"
 _SEMI_JOIN = (
-    f"SELECT organization_id, id FROM {TABLE_NAME} "
-    f"WHERE ({', '.join(STAGING_COLUMNS)}) IN (SELECT {', '.join(STAGING_COLUMNS)} FROM {STAGING_TABLE})"
+    f"{_SELECT_KEYS} FROM {TABLE_NAME} WHERE ({', '.join(STAGED_COLUMNS)}) "
+    f"IN (SELECT {', '.join(STAGED_COLUMNS)} FROM {STAGING_TABLE})"
 )
-_PROBE = (
-    f"SELECT 1 FROM {TABLE_NAME} WHERE organization_id IN %(organizations)s AND agent_id IN %(agents)s "
-    "AND created_at >= fromUnixTimestamp64Micro(%(earliest)s, 'UTC') LIMIT 1"
-)
-_LITERALS = f"SELECT organization_id, id FROM {TABLE_NAME} WHERE organization_id IN %(organizations)s AND id IN %(ids)s"
+_BY_IDENTITY = f"{_SELECT_KEYS} FROM {TABLE_NAME} WHERE (organization_id, id) IN %(identities)s"
+
+# (organization_id, agent_id, created_at in microseconds since the epoch, id), as stored ('' for no agent).
+StoredKey = tuple[str, str, int, str]
 
 
 @dataclass(frozen=True)
-class StoredKeys:
+class BatchKeys:
     """The lookup keys of a batch, one list per key column, as stored (absent agent ids are ``''``).
 
     ``created_at`` holds microseconds since the epoch (what DateTime64(6) stores).
@@ -66,68 +64,72 @@ class StoredKeys:
     id: list[str]
 
     @classmethod
-    def from_columns(cls, columns: Sequence[list[Any]]) -> StoredKeys:
+    def from_columns(cls, columns: Sequence[list[Any]]) -> BatchKeys:
         """Take the key columns out of :func:`llmtrace.model.insert_column_data` output (no copying)."""
-        return cls(*(columns[CLICKHOUSE_COLUMNS.index(name)] for name in STAGING_COLUMNS))
-
-    @classmethod
-    def from_traces(cls, traces: Sequence[LLMTrace]) -> StoredKeys:
-        """The keys of ``traces`` (for callers that have no column data yet)."""
-        return cls.from_columns(insert_column_data(traces))
+        return cls(*(columns[CLICKHOUSE_COLUMNS.index(name)] for name in (*STAGED_COLUMNS, "id")))
 
     def identities(self) -> list[Identity]:
         return list(zip(self.organization_id, self.id, strict=True))
 
+    def keys(self) -> set[StoredKey]:
+        return set(zip(self.organization_id, self.agent_id, self.created_at, self.id, strict=True))
 
-def stored_identities(client: Any, keys: StoredKeys, *, staging: bool = True) -> set[Identity]:
-    """Return the ``(organization_id, id)`` of the batch's traces that the table already holds.
+
+class StoredTraces:
+    """Looks up stored copies of batches' traces over one connection (one staging table per session).
 
     Args:
-        client: The clickhouse-connect client of the connection that will write the batch.
-        keys: The batch's lookup keys.
-        staging: Use the temporary-table semi-join (falling back to literals if the server refuses it);
-            ``False`` forces the literal query.
+        client: The clickhouse-connect client of the connection that will also write the batches.
+        staging: Send keys through the temporary table (the default); ``False`` uses the chunked fallback.
     """
-    if not keys.id or not may_hold_copies(client, keys):
-        return set()
-    if staging:
-        try:
-            return _through_staging_table(client, keys)
-        except _session_errors() as exc:
-            logger.warning("llmtrace: temporary tables are unavailable (%s); looking up ids as literals", exc)
-    return _through_literals(client, keys.identities())
+
+    def __init__(self, client: Any, *, staging: bool = True) -> None:
+        self._client = client
+        self._staging = staging
+
+    def identities(self, keys: BatchKeys) -> set[Identity]:
+        """The ``(organization_id, id)`` of the batch's traces that the table holds with the same sort key."""
+        if not keys.id:
+            return set()
+        return {(organization, trace_id) for organization, _, _, trace_id in self._rows(keys, keys.keys())}
+
+    def _rows(self, keys: BatchKeys, wanted: set[StoredKey]) -> set[StoredKey]:
+        if self._staging:
+            try:
+                return self._through_staging_table(keys) & wanted
+            except _driver_errors() as exc:
+                if getattr(exc, "code", None) is None:
+                    raise  # not the server's answer (a transport failure): the caller's error mapping handles it
+                # The server answered, but cannot keep a temporary table for this session.
+                logger.warning("llmtrace: temporary tables are unavailable (%s); looking up ids in chunks", exc)
+                self._staging = False
+        return self._through_chunks(keys.identities()) & wanted
+
+    def _through_staging_table(self, keys: BatchKeys) -> set[StoredKey]:
+        self._client.command(_CREATE_STAGING)
+        self._client.command(f"TRUNCATE TABLE {STAGING_TABLE}")
+        columns = [keys.organization_id, keys.agent_id, keys.created_at]
+        self._client.insert(STAGING_TABLE, columns, column_names=list(STAGED_COLUMNS), column_oriented=True)
+        return _as_keys(self._client.query(_SEMI_JOIN).result_rows)
+
+    def _through_chunks(self, identities: list[Identity]) -> set[StoredKey]:
+        found: set[StoredKey] = set()
+        for chunk in _chunks(sorted(set(identities)), LITERAL_CHUNK):
+            # The driver binds (escapes) the values; no user value is formatted into SQL here.
+            found |= _as_keys(self._client.query(_BY_IDENTITY, parameters={"identities": chunk}).result_rows)
+        return found
 
 
-def may_hold_copies(client: Any, keys: StoredKeys) -> bool:
-    """Whether any stored row could be a copy of one of the batch's traces (see the module docs)."""
-    parameters = {
-        "organizations": sorted(set(keys.organization_id)),
-        "agents": sorted(set(keys.agent_id)),
-        "earliest": min(keys.created_at),
-    }
-    return bool(client.query(_PROBE, parameters=parameters).result_rows)
+def _as_keys(rows: Sequence[Sequence[Any]]) -> set[StoredKey]:
+    return {(organization, agent, int(micros), trace_id) for organization, agent, micros, trace_id in rows}
 
 
-def _through_staging_table(client: Any, keys: StoredKeys) -> set[Identity]:
-    client.command(_CREATE_STAGING)
-    client.command(f"TRUNCATE TABLE {STAGING_TABLE}")
-    columns = [keys.organization_id, keys.agent_id, keys.created_at, keys.id]
-    client.insert(STAGING_TABLE, columns, column_names=list(STAGING_COLUMNS), column_oriented=True)
-    return {(organization, trace_id) for organization, trace_id in client.query(_SEMI_JOIN).result_rows}
+def _chunks(items: list[Identity], size: int) -> Iterator[list[Identity]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
-def _through_literals(client: Any, identities: Sequence[Identity]) -> set[Identity]:
-    wanted = set(identities)
-    parameters = {
-        "organizations": sorted({organization for organization, _ in identities}),
-        "ids": sorted({trace_id for _, trace_id in identities}),
-    }
-    # The driver binds (escapes) the values; the query text holds no user value of ours.
-    rows = client.query(_LITERALS, parameters=parameters, settings=LITERAL_SETTINGS).result_rows
-    return {(organization, trace_id) for organization, trace_id in rows} & wanted
+def _driver_errors() -> tuple[type[Exception], ...]:
+    from clickhouse_connect.driver.exceptions import Error
 
-
-def _session_errors() -> tuple[type[Exception], ...]:
-    from clickhouse_connect.driver.exceptions import DatabaseError
-
-    return (DatabaseError,)
+    return (Error,)

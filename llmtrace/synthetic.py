@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -33,6 +34,7 @@ def synthetic_traces(
     span: timedelta = timedelta(days=1),
     seed: int | None = 0,
     in_time_order: bool = False,
+    skew: float = 0.0,
 ) -> Iterator[LLMTrace]:
     """Yield ``count`` traces spread over ``span`` before ``end`` (default: now), reproducible by ``seed``.
 
@@ -46,8 +48,13 @@ def synthetic_traces(
         span: How far before ``end`` the earliest trace may be.
         seed: Seed of the random generator, so runs can be compared; ``None`` for a fresh one.
         in_time_order: Yield traces oldest first, as a live service produces them (default: random order).
+        skew: 0 spreads traces evenly over organizations and agents. Above 0, the organization of rank ``r``
+            gets a share of traffic, and of the ``organizations * agents_per_organization`` agents, in
+            proportion to ``1 / r ** skew`` (Zipf's law), as on a multi-tenant platform where a few heavy
+            tenants sit among thousands of small ones; ~1.1 is typical.
     """
     rng = random.Random(seed)
+    tenants = _Tenants(organizations, agents_per_organization, skew)
     end = end or datetime.now(UTC)
     low, high = math.log(payload_bytes[0]), math.log(payload_bytes[1])
     filler = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(payload_bytes[1]))
@@ -63,8 +70,7 @@ def synthetic_traces(
         ages.sort(reverse=True)
     for age in ages:
         provider, model = rng.choice(MODELS)
-        organization = rng.randrange(organizations)
-        agent = rng.randrange(agents_per_organization)
+        organization, agent = tenants.draw(rng)
         size = round(math.exp(rng.uniform(low, high)))
         is_error = rng.random() < 0.02
         prompt = rng.randint(50, 20_000)
@@ -94,3 +100,27 @@ def synthetic_traces(
             llm_config_json=configs[model],
             created_at=end - timedelta(seconds=age),
         )
+
+
+class _Tenants:
+    """Who a generated trace belongs to: organizations and their agents, evenly or Zipf-distributed."""
+
+    def __init__(self, organizations: int, agents_per_organization: int, skew: float) -> None:
+        if organizations < 1 or agents_per_organization < 1:
+            raise ValueError("organizations and agents_per_organization must be at least 1")
+        if skew < 0:
+            raise ValueError(f"skew must be 0 or more, got {skew}")
+        weights = [1 / rank**skew for rank in range(1, organizations + 1)]
+        total = sum(weights)
+        self._cumulative = list(itertools.accumulate(weights))
+        agents = organizations * agents_per_organization
+        self._agents = [max(1, round(agents * weight / total)) for weight in weights]
+        self._organizations = range(organizations)
+        self._even = skew == 0
+
+    def draw(self, rng: random.Random) -> tuple[int, int]:
+        if self._even:
+            organization = rng.randrange(len(self._organizations))
+        else:
+            (organization,) = rng.choices(self._organizations, cum_weights=self._cumulative)
+        return organization, rng.randrange(self._agents[organization])

@@ -17,6 +17,7 @@ from sqlalchemy import Column, Engine, MetaData, inspect, text
 
 from llmtrace import SKIP_INDEXES, LLMTrace, LLMTraceRecord
 from llmtrace.migrations import PROJECT_ROOT, alembic_config, check, downgrade, upgrade
+from llmtrace.record import HIDDEN_COLUMNS
 
 # What each field is stored as. This is the schema's contract with analysts and with existing writers.
 EXPECTED_TYPES = {
@@ -52,6 +53,9 @@ EXPECTED_TYPES = {
 PAYLOAD_COLUMNS = {"request_json", "response_json", "llm_config_json"}
 
 
+HEAD = "0002"
+
+
 def table_names(engine: Engine) -> set[str]:
     return set(inspect(engine).get_table_names())
 
@@ -66,12 +70,12 @@ def current_revision(engine: Engine) -> str | None:
 def test_upgrade_downgrade_upgrade_then_no_drift(engine: Engine) -> None:
     upgrade(engine)
     assert "llm_traces" in table_names(engine)
-    assert current_revision(engine) == "0001"
+    assert current_revision(engine) == HEAD
     downgrade(engine, "base")
     assert "llm_traces" not in table_names(engine)
     assert current_revision(engine) is None
     upgrade(engine)
-    assert current_revision(engine) == "0001"
+    assert current_revision(engine) == HEAD
     check(engine)
 
 
@@ -86,13 +90,22 @@ def test_table_columns_and_types(migrated_engine: Engine) -> None:
     with migrated_engine.connect() as connection:
         rows = connection.execute(
             text(
-                "SELECT name, type, compression_codec FROM system.columns "
+                "SELECT name, type, compression_codec, default_kind FROM system.columns "
                 "WHERE database = currentDatabase() AND table = 'llm_traces' ORDER BY position"
             )
         ).all()
-    assert [row.name for row in rows] == LLMTrace.clickhouse_columns()
-    assert {row.name: row.type for row in rows} == EXPECTED_TYPES
+    visible = [row for row in rows if row.default_kind != "MATERIALIZED"]
+    assert [row.name for row in visible] == LLMTrace.clickhouse_columns()
+    assert {row.name: row.type for row in visible} == EXPECTED_TYPES
     assert {row.name for row in rows if row.compression_codec == "CODEC(ZSTD(3))"} == PAYLOAD_COLUMNS
+    # The bookkeeping column is hidden from SELECT * and from inserts (MATERIALIZED).
+    assert {row.name: row.type for row in rows if row.default_kind == "MATERIALIZED"} == {
+        "insert_attempt": "LowCardinality(String)"
+    }
+    assert {"insert_attempt"} == HIDDEN_COLUMNS
+    with migrated_engine.connect() as connection:
+        selected = connection.execute(text("SELECT * FROM llm_traces")).keys()
+    assert list(selected) == LLMTrace.clickhouse_columns()
 
 
 def test_engine_sort_key_partition_and_settings(migrated_engine: Engine) -> None:
@@ -119,7 +132,7 @@ def test_skip_indexes_match_the_declared_ones(migrated_engine: Engine) -> None:
         ).all()
     declared = sorted((index.name, index.expression, index.type, index.granularity) for index in SKIP_INDEXES)
     assert [tuple(row) for row in rows] == declared
-    assert {row.expr for row in rows} == {"id", "run_id", "step_id", "trace_id"}
+    assert {row.expr for row in rows} == {"id", "run_id", "step_id", "trace_id", "insert_attempt"}
 
 
 def offline_statements() -> list[str]:
@@ -151,7 +164,7 @@ def test_offline_sql_runs_on_a_fresh_database(engine: Engine) -> None:
     with engine.connect() as connection:
         for statement in statements:
             connection.execute(text(statement))
-    assert current_revision(engine) == "0001"
+    assert current_revision(engine) == HEAD
     check(engine)
 
 
@@ -166,7 +179,7 @@ def test_autogenerate_produces_a_runnable_migration(migrated_engine: Engine, tmp
         config = alembic_config(connection)
         config.set_main_option("script_location", str(scripts))
         config.attributes["target_metadata"] = extended
-        script = command.revision(config, message="add cost", autogenerate=True, rev_id="0002")
+        script = command.revision(config, message="add cost", autogenerate=True, rev_id="0099")
         assert script is not None and not isinstance(script, list)
         generated = Path(script.path).read_text()
         assert "add_column('llm_traces'" in generated and "cost_usd" in generated
@@ -176,5 +189,5 @@ def test_autogenerate_produces_a_runnable_migration(migrated_engine: Engine, tmp
         assert columns["cost_usd"] == "Nullable(Float64)"
         command.check(config)
 
-        command.downgrade(config, "0001")
+        command.downgrade(config, HEAD)
         assert "cost_usd" not in {c["name"] for c in inspect(connection).get_columns("llm_traces")}

@@ -14,7 +14,8 @@ from sqlalchemy import Engine, text
 
 from llmtrace import LLMTrace, TraceRepository, TraceValidationError
 from llmtrace.engine import driver_client
-from llmtrace.stored_lookup import StoredKeys, may_hold_copies, stored_identities
+from llmtrace.model import insert_column_data
+from llmtrace.stored_lookup import BatchKeys, StoredTraces
 from tests.factories import BASE_TIME, make_trace
 from tests.strategies import llm_traces
 
@@ -106,25 +107,28 @@ def test_same_id_in_two_organizations_is_two_traces(repository: TraceRepository)
     assert repository.add_many([make_trace(1, organization_id="a"), make_trace(1, organization_id="b")]) == 2
 
 
-def test_literal_lookup_agrees_with_the_staging_table(repository: TraceRepository, migrated_engine: Engine) -> None:
+def lookup(engine: Engine, batch: list[LLMTrace], *, staging: bool) -> set[tuple[str, str]]:
+    with engine.connect() as connection:
+        stored = StoredTraces(driver_client(connection), staging=staging)
+        return stored.identities(BatchKeys.from_columns(insert_column_data(batch)))
+
+
+@pytest.mark.parametrize("staging", [True, False], ids=["staging table", "chunks"])
+def test_the_lookup_finds_exactly_the_stored_traces(
+    repository: TraceRepository, migrated_engine: Engine, staging: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("llmtrace.stored_lookup.LITERAL_CHUNK", 7)  # several chunks, one of them partial
     repository.add_many([make_trace(i) for i in range(0, 60, 2)])
     batch = [make_trace(i) for i in range(60)] + [make_trace(0, organization_id="org-2")]
-    with migrated_engine.connect() as connection:
-        client = driver_client(connection)
-        staged = stored_identities(client, StoredKeys.from_traces(batch))
-        literal = stored_identities(client, StoredKeys.from_traces(batch), staging=False)
-    assert staged == literal == {("org-1", make_trace(i).id) for i in range(0, 60, 2)}
+    assert lookup(migrated_engine, batch, staging=staging) == {("org-1", make_trace(i).id) for i in range(0, 60, 2)}
 
 
-def test_the_lookup_matches_on_sort_key_and_id(repository: TraceRepository, migrated_engine: Engine) -> None:
-    # Documented limit: a copy with the same id but another created_at or agent is not "the same trace" to the
-    # staging lookup (the literal fallback, matching on organization and id, does find it).
-    repository.add(make_trace(1))
+@pytest.mark.parametrize("staging", [True, False], ids=["staging table", "chunks"])
+def test_the_lookup_matches_on_sort_key_and_id(migrated_engine: Engine, staging: bool) -> None:
+    # Documented limit: a copy with the same id but another created_at or agent is not "the same trace".
+    TraceRepository(migrated_engine).add(make_trace(1))
     moved = [make_trace(1, created_at=BASE_TIME + timedelta(days=1)), make_trace(1, agent_id="other")]
-    with migrated_engine.connect() as connection:
-        client = driver_client(connection)
-        assert stored_identities(client, StoredKeys.from_traces(moved)) == set()
-        assert stored_identities(client, StoredKeys.from_traces(moved), staging=False) == {("org-1", make_trace(1).id)}
+    assert lookup(migrated_engine, moved, staging=staging) == set()
 
 
 def test_dicts_are_validated_like_the_model(repository: TraceRepository) -> None:
@@ -163,12 +167,12 @@ def test_a_generator_stops_at_the_invalid_batch(repository: TraceRepository, mig
     with pytest.raises(TraceValidationError) as caught:
         repository.add_many(traces(), batch_size=4)  # type: ignore[arg-type]
     assert {index for index, _, _ in caught.value.problems} == {10}
-    assert caught.value.__notes__ == ["8 trace(s) from earlier batches of this call were already written."]
+    assert caught.value.__notes__ == ["llmtrace: 8 trace(s) from earlier batches of this call were stored."]
     assert stored_rows(migrated_engine) == 8
 
 
 def test_batch_size_must_be_positive(repository: TraceRepository) -> None:
-    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
+    with pytest.raises(ValueError, match="batch_size must be an int of at least 1, got 0"):
         repository.add_many([make_trace(1)], batch_size=0)
 
 
@@ -187,22 +191,6 @@ def test_any_valid_traces_round_trip(repository: TraceRepository, traces: list[L
     batch = [trace.model_copy(update={"id": f"{uuid.uuid4().hex}-{trace.id}"}) for trace in traces]
     assert repository.add_many(batch) == len(batch)
     assert [repository.get(trace.organization_id, trace.id) for trace in batch] == batch
-
-
-def test_the_probe_skips_the_lookup_only_when_no_copy_can_exist(
-    repository: TraceRepository, migrated_engine: Engine
-) -> None:
-    repository.add_many([make_trace(i) for i in range(10)])
-    later = [make_trace(i, created_at=BASE_TIME + timedelta(hours=1, seconds=i)) for i in range(100, 110)]
-    resent = [make_trace(i) for i in range(5, 15)]
-    other_agent = [make_trace(200, agent_id="agent-new")]
-    with migrated_engine.connect() as connection:
-        client = driver_client(connection)
-        assert may_hold_copies(client, StoredKeys.from_traces(later)) is False
-        assert may_hold_copies(client, StoredKeys.from_traces(other_agent)) is False
-        assert may_hold_copies(client, StoredKeys.from_traces(resent)) is True
-        # The boundary: a stored row created exactly at the batch's earliest instant counts.
-        assert may_hold_copies(client, StoredKeys.from_traces([make_trace(9, id="x")])) is True
 
 
 class _HintedIterator(Iterator[LLMTrace]):

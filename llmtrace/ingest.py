@@ -1,0 +1,202 @@
+"""The exactly-once write path behind :meth:`TraceRepository.add_many`, in the order it runs.
+
+1. **Validate.** Mappings become :class:`LLMTrace` objects; every problem of a batch is collected before
+   anything of it is written.
+2. **Columns.** The batch is transposed into column data; repeats of an identity ``(organization_id, id)``
+   within it are dropped (the first wins).
+3. **Look up** (``skip_stored``): traces whose copy is already stored (same sort key and id) are dropped, so
+   overlapping batches store each trace once (:mod:`llmtrace.stored_lookup`).
+4. **Insert** under an ``insert_deduplication_token`` derived from the batch's identities, with the insert's
+   ``log_comment`` set to a fresh attempt id that the hidden ``insert_attempt`` column records on every row.
+5. **Count** the rows of this attempt. That is the number returned. Fewer rows than were sent means
+   ClickHouse dropped blocks as repeats of a token it remembers: the traces of those blocks whose copy is
+   still stored are done; any whose copy was deleted, dropped or truncated since are inserted again under the
+   next token of a sequence (step 4 again), until every trace sent is stored.
+
+Why a batch is stored exactly once (the README states this argument):
+
+- ClickHouse stores at most one insert per token within its deduplication window (10,000 inserts), however
+  many attempts race or retry: the token is a function of the identities sent and of the round, so every
+  attempt of a batch, in this process or another, sends the same token at each round.
+- The count of step 5 reads what this attempt itself stored (its own attempt id), so the return value never
+  counts rows another attempt stored, and deduplicated rows are never reported as written.
+- A trace is never silently lost to a token remembered from a copy that no longer exists: step 5 sees the
+  shortfall and the next round's token is new to ClickHouse unless a concurrent attempt sent it too, in which
+  case one of them stores it and the other finds it stored.
+- Not covered: two overlapping but different batches written at the same moment can both pass the lookup
+  and store the traces they share twice; a trace re-sent with the same id but another ``agent_id`` or
+  ``created_at`` is a different trace to the lookup; a retry that comes after more than 10,000 other inserts
+  (the window) and after ``skip_stored=False`` skipped the lookup is stored again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from itertools import islice
+from typing import Any
+
+from pydantic import ValidationError
+
+from llmtrace.errors import DatabaseError, TraceValidationError, database_errors
+from llmtrace.model import CLICKHOUSE_COLUMNS, LLMTrace, insert_column_data
+from llmtrace.record import INSERT_ATTEMPT_COLUMN, INSERT_ATTEMPT_PREFIX, TABLE_NAME
+from llmtrace.stored_lookup import BatchKeys, Identity, StoredTraces
+
+TraceInput = LLMTrace | Mapping[str, Any]
+ORGANIZATION, ID = CLICKHOUSE_COLUMNS.index("organization_id"), CLICKHOUSE_COLUMNS.index("id")
+CREATED_AT = CLICKHOUSE_COLUMNS.index("created_at")
+INSERT_SETTINGS = {
+    # A batch may span many months (backfills); ClickHouse's default refuses more than 100 partitions per insert.
+    "max_partitions_per_insert_block": 0,
+    # Deduplication is what makes retries safe; recent servers default to asynchronous inserts, whose errors
+    # and deduplication work differently. Both are set rather than assumed.
+    "insert_deduplicate": 1,
+    "async_insert": 0,
+}
+# Each extra round means the batch's earlier copy was erased after being stored once more; a hundred such
+# cycles of the very same batch within the deduplication window is not something a service does.
+MAX_ROUNDS = 100
+
+_ROWS_OF_ATTEMPT = (
+    f"SELECT count() FROM {TABLE_NAME} WHERE {INSERT_ATTEMPT_COLUMN} = %(attempt)s "
+    "AND created_at BETWEEN fromUnixTimestamp64Micro(%(earliest)s, 'UTC') "
+    "AND fromUnixTimestamp64Micro(%(latest)s, 'UTC')"
+)
+
+
+# -- 1. validate ----------------------------------------------------------------------------------------------
+
+
+def validate_traces(items: Iterable[TraceInput], *, start: int) -> list[LLMTrace]:
+    """Validate every item, collecting all problems before raising.
+
+    Args:
+        items: Traces or mappings of their fields.
+        start: Index of the first item within the caller's whole input, for the error report.
+
+    Raises:
+        TraceValidationError: At least one item is invalid.
+    """
+    traces: list[LLMTrace] = []
+    problems: list[tuple[int, str, str]] = []
+    for index, item in enumerate(items, start):
+        if isinstance(item, LLMTrace):
+            traces.append(item)
+        elif isinstance(item, Mapping):
+            try:
+                traces.append(LLMTrace.model_validate(item))
+            except ValidationError as exc:
+                for error in exc.errors():
+                    field = ".".join(str(part) for part in error["loc"]) or "(item)"
+                    problems.append((index, field, error["msg"]))
+        else:
+            problems.append((index, "(item)", f"expected an LLMTrace or a mapping, got {type(item).__name__}"))
+    if problems:
+        raise TraceValidationError(problems)
+    return traces
+
+
+def validated_batches(items: Iterable[TraceInput], batch_size: int) -> Iterator[list[LLMTrace]]:
+    """Consume ``items`` in batches of ``batch_size``, validating each before yielding it."""
+    iterator = iter(items)
+    start = 0
+    while chunk := list(islice(iterator, batch_size)):
+        yield validate_traces(chunk, start=start)
+        start += len(chunk)
+
+
+# -- 2. to 5., per batch --------------------------------------------------------------------------------------
+
+
+def write_batch(client: Any, stored: StoredTraces, traces: list[LLMTrace], *, skip_stored: bool) -> int:
+    """Store a validated batch exactly once and return how many rows this call stored.
+
+    Args:
+        client: The clickhouse-connect client of the connection to write through.
+        stored: The stored-trace lookup of that connection.
+        traces: The batch.
+        skip_stored: Look up and skip traces already stored (step 3).
+    """
+    columns = insert_column_data(traces)
+    skipped: set[Identity] = set()
+    if skip_stored:
+        with database_errors(f"checking which of {len(traces)} traces are already stored"):
+            skipped = stored.identities(BatchKeys.from_columns(columns))
+    columns = without(columns, skipped)
+    return insert_exactly_once(client, stored, columns) if columns[ID] else 0
+
+
+def without(columns: list[list[Any]], dropped: set[Identity]) -> list[list[Any]]:
+    """``columns`` without the rows whose identity is in ``dropped``, nor repeats of an identity (first wins)."""
+    # The common case, nothing to drop, is told apart by a set of ids built in C: no Python loop per trace.
+    if not dropped and len(set(columns[ID])) == len(columns[ID]):
+        return columns
+    seen = set(dropped)
+    keep = []
+    for identity in zip(columns[ORGANIZATION], columns[ID], strict=True):
+        keep.append(identity not in seen)
+        seen.add(identity)
+    return [[value for value, kept in zip(column, keep, strict=True) if kept] for column in columns]
+
+
+def insert_exactly_once(client: Any, stored: StoredTraces, columns: list[list[Any]]) -> int:
+    """Steps 4 and 5: insert until every row of ``columns`` is stored; return the rows these inserts stored."""
+    written = 0
+    for round_number in range(MAX_ROUNDS):
+        sent = len(columns[ID])
+        attempt = new_attempt_id()
+        token = batch_token(columns[ORGANIZATION], columns[ID], round_number=round_number)
+        with database_errors(f"inserting {sent} traces"):
+            client.insert(
+                TABLE_NAME,
+                columns,
+                column_names=list(CLICKHOUSE_COLUMNS),
+                column_oriented=True,
+                settings={**INSERT_SETTINGS, "insert_deduplication_token": token, "log_comment": attempt},
+            )
+        mine = rows_of_attempt(client, attempt, columns[CREATED_AT])
+        written += mine
+        if mine == sent:
+            return written
+        # ClickHouse dropped some blocks as repeats of this token. Whatever is stored now is done; the rest lost
+        # its earlier copy (deleted, dropped, truncated) and goes again under the next token.
+        with database_errors(f"checking which of {sent} traces are stored after a deduplicated insert"):
+            present = stored.identities(BatchKeys.from_columns(columns))
+        columns = without(columns, present)
+        if not columns[ID]:
+            return written
+    raise DatabaseError(
+        f"{len(columns[ID])} trace(s) were dropped as duplicates {MAX_ROUNDS} times in a row without being stored; "
+        "the same batch was erased and written again that many times. Send these traces in a new batch."
+    )
+
+
+def rows_of_attempt(client: Any, attempt: str, created_at: list[int]) -> int:
+    """How many rows the insert that carried ``attempt`` stored.
+
+    The time range only narrows the partitions to look at; the minmax index on the attempt column then skips
+    every part written before this attempt.
+    """
+    parameters = {"attempt": attempt, "earliest": min(created_at), "latest": max(created_at)}
+    with database_errors("counting the rows an insert stored"):
+        return int(client.query(_ROWS_OF_ATTEMPT, parameters=parameters).result_rows[0][0])
+
+
+def new_attempt_id() -> str:
+    """A fresh insert attempt id: time-ordered (hex nanoseconds) so that older parts' minmax ranges exclude it."""
+    return f"{INSERT_ATTEMPT_PREFIX}{time.time_ns():016x}{secrets.token_hex(4)}"
+
+
+def batch_token(organization_ids: list[str], ids: list[str], *, round_number: int) -> str:
+    """The deduplication token of a batch: a digest of its identities in order, and of the round.
+
+    Every attempt of a batch sends the same traces in the same order, so it gets the same token at each round.
+    The identities are digested as JSON, which is unambiguous (no two different pairs of lists serialise
+    alike) and fast.
+    """
+    listed = json.dumps([round_number, organization_ids, ids], ensure_ascii=False)
+    return hashlib.sha256(listed.encode("utf-8", "surrogatepass")).hexdigest()
