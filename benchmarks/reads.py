@@ -21,7 +21,7 @@ import chdb
 from _common import SCRATCH, fresh_engine, timed
 from sqlalchemy import text
 
-from llmtrace import TraceRepository
+from llmtrace import ALL_ORGANIZATIONS, TraceRepository
 from llmtrace.synthetic import synthetic_traces
 
 END = datetime(2026, 11, 1, tzinfo=UTC)
@@ -89,14 +89,13 @@ def main() -> None:
     )
     print(f"  id alone (no organization): {by_id_only:,} rows (bloom filter only)")
 
-    usage_times = [timed(lambda: repository.usage(group_by=("model",))) * 1000 for _ in range(5)]
+    usage_times = [timed(lambda: repository.usage(ALL_ORGANIZATIONS, group_by=("model",))) * 1000 for _ in range(5)]
     usage_sql = (
         "SELECT model, count(), sum(total_tokens), quantilesExact(0.5, 0.95, 0.99)(latency_ms) "
         "FROM llm_traces GROUP BY model"
     )
     org_usage_times = [
-        timed(lambda: repository.usage(organization_id="org-3", group_by=("model",), granularity="day")) * 1000
-        for _ in range(5)
+        timed(lambda: repository.usage("org-3", group_by=("model",), granularity="day")) * 1000 for _ in range(5)
     ]
     org_sql = f"{usage_sql.replace('GROUP BY', 'WHERE organization_id = ' + repr('org-3') + ' GROUP BY')}"
     print(

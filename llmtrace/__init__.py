@@ -16,6 +16,7 @@ from llmtrace.errors import (
     TraceNotFound,
     TraceValidationError,
 )
+from llmtrace.filters import ALL_ORGANIZATIONS
 from llmtrace.model import LLMTrace
 from llmtrace.pagination import TracePage
 from llmtrace.record import SKIP_INDEXES, LLMTraceRecord
@@ -24,6 +25,7 @@ from llmtrace.usage import UsageRow
 from llmtrace.writer import AsyncTraceWriter, TraceWriter, WriterClosed, WriterEvent, WriterQueueFull, WriterStats
 
 __all__ = [
+    "ALL_ORGANIZATIONS",
     "DEFAULT_URL",
     "ENV_VAR",
     "SKIP_INDEXES",

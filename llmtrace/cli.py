@@ -11,6 +11,7 @@ from typing import TypeVar
 
 from llmtrace.engine import get_engine, redacted, resolve_url
 from llmtrace.errors import LLMTraceError
+from llmtrace.filters import ALL_ORGANIZATIONS
 from llmtrace.migrations import upgrade
 from llmtrace.repository import TraceRepository
 from llmtrace.synthetic import synthetic_traces
@@ -49,10 +50,14 @@ def demo(url: str | None, traces: int, seed: int | None) -> None:
     print(f"Wrote {written:,} traces ({written / writing:,.0f} traces/s, not counting their generation).\n")
 
     since = datetime.now(UTC) - timedelta(days=1)
-    by_model = timed_step("usage by model", timings, lambda: repository.usage(group_by=("model",), since=since))
+    by_model = timed_step(
+        "usage by model", timings, lambda: repository.usage(ALL_ORGANIZATIONS, group_by=("model",), since=since)
+    )
     print_usage("Last 24 hours, all organizations, by model", by_model, "model")
     by_agent = timed_step(
-        "usage by agent", timings, lambda: repository.usage(group_by=("organization_id", "agent_id"), since=since)
+        "usage by agent",
+        timings,
+        lambda: repository.usage(ALL_ORGANIZATIONS, group_by=("organization_id", "agent_id"), since=since),
     )
     print_usage("Last 24 hours, by agent", by_agent, "agent_id")
 

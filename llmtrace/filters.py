@@ -1,12 +1,18 @@
-"""Row filters shared by the repository's reads: one frozen dataclass that adds WHERE clauses."""
+"""Row filters shared by the repository's reads and deletes: one frozen dataclass that adds WHERE clauses.
+
+Every filter is scoped to one organization, checked at run time: a service that lost its caller's
+organization (``None``, ``""``) must get an error, not every tenant's traces. The operator's view across
+organizations is asked for by name, with :data:`ALL_ORGANIZATIONS`, and only where it makes sense (reports and
+counts), never by omission and never for a delete.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from sqlalchemy import Select, and_
 from sqlalchemy.sql import ColumnElement
@@ -18,14 +24,68 @@ SelectT = TypeVar("SelectT", bound=Select[Any])
 TABLE = TRACES_TABLE
 
 
+class AllOrganizations:
+    """The type of :data:`ALL_ORGANIZATIONS`; there is one instance."""
+
+    _instance: AllOrganizations | None = None
+
+    def __new__(cls) -> AllOrganizations:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "ALL_ORGANIZATIONS"
+
+
+ALL_ORGANIZATIONS: Final = AllOrganizations()
+"""Pass as ``organization_id`` to :meth:`TraceRepository.usage` or :meth:`~TraceRepository.count` for a
+report over every organization (the operator's view). No other method accepts it."""
+
+OrganizationScope = str | AllOrganizations
+
+
+def require_organization(organization_id: object, *, method: str, across: bool = False) -> OrganizationScope:
+    """Check that ``organization_id`` names one organization (or, with ``across``, is ALL_ORGANIZATIONS).
+
+    Args:
+        organization_id: What the caller passed.
+        method: The repository method, for the message.
+        across: Whether the method accepts :data:`ALL_ORGANIZATIONS`.
+
+    Raises:
+        TypeError: Not a str (``None`` included), or ALL_ORGANIZATIONS where it is not accepted.
+        ValueError: An empty or blank string.
+    """
+    hint = (
+        "; for a report over every organization pass llmtrace.ALL_ORGANIZATIONS"
+        if across
+        else f"; {method}() works on one organization at a time"
+    )
+    if isinstance(organization_id, AllOrganizations):
+        if across:
+            return organization_id
+        raise TypeError(f"{method}() does not accept ALL_ORGANIZATIONS: it works on one organization at a time")
+    if not isinstance(organization_id, str):
+        raise TypeError(
+            f"{method}() needs organization_id, the organization whose traces to use, as a str; got "
+            f"{organization_id!r}{hint}"
+        )
+    if not organization_id.strip():
+        raise ValueError(f"{method}() needs a non-empty organization_id; got {organization_id!r}{hint}")
+    return organization_id
+
+
 @dataclass(frozen=True, kw_only=True)
 class TraceFilter:
-    """Which traces a read covers. ``None`` means "any"; ``since`` is inclusive and ``until`` exclusive.
+    """Which traces a read covers: one organization (or all of them, by name) and optional conditions.
 
-    Datetimes are compared in UTC; naive ones are taken as UTC, like ``LLMTrace.created_at``.
+    ``None`` for a condition means "any"; ``since`` is inclusive and ``until`` exclusive. Datetimes are compared
+    in UTC; naive ones are taken as UTC, like ``LLMTrace.created_at``. Build it through
+    :func:`require_organization`: the dataclass checks only the type of ``organization_id``.
     """
 
-    organization_id: str | None = None
+    organization_id: OrganizationScope
     agent_id: str | None = None
     project_id: str | None = None
     run_id: str | None = None
@@ -39,6 +99,8 @@ class TraceFilter:
     until: datetime | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.organization_id, (str, AllOrganizations)):
+            raise TypeError(f"organization_id must be a str or ALL_ORGANIZATIONS, got {self.organization_id!r}")
         for name in ("since", "until"):
             value = getattr(self, name)
             if value is not None:
@@ -51,7 +113,9 @@ class TraceFilter:
     def clauses(self) -> list[ColumnElement[bool]]:
         """The WHERE conditions this filter stands for (all bound parameters, no SQL text from values)."""
         conditions: list[ColumnElement[bool]] = []
-        for name in ("organization_id", "agent_id", "project_id", "run_id", "step_id", "trace_id", "model",
+        if isinstance(self.organization_id, str):
+            conditions.append(TABLE.c.organization_id == self.organization_id)
+        for name in ("agent_id", "project_id", "run_id", "step_id", "trace_id", "model",
                      "provider", "call_type", "is_error"):  # fmt: skip
             value = getattr(self, name)
             if value is not None:
@@ -69,7 +133,8 @@ class TraceFilter:
 
     def fingerprint(self) -> str:
         """A short stable digest of the filter, binding pagination cursors to the query that issued them."""
-        values = {
-            key: value.isoformat() if isinstance(value, datetime) else value for key, value in asdict(self).items()
-        }
+        values = {key: getattr(self, key) for key in self.__dataclass_fields__}
+        values = {key: value.isoformat() if isinstance(value, datetime) else value for key, value in values.items()}
+        if isinstance(self.organization_id, AllOrganizations):
+            values["organization_id"] = {"all": True}  # cannot be confused with any organization's name
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]

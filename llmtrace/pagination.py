@@ -12,7 +12,7 @@ from sqlalchemy import and_, or_
 from sqlalchemy.sql import ColumnElement
 
 from llmtrace.errors import InvalidCursor
-from llmtrace.model import LLMTrace, as_utc
+from llmtrace.model import EARLIEST_CREATED_AT, LATEST_CREATED_AT, LLMTrace, as_utc
 from llmtrace.record import TRACES_TABLE
 
 TABLE = TRACES_TABLE
@@ -81,6 +81,9 @@ def decode_cursor(cursor: str, *, organization_id: str, fingerprint: str) -> Pos
         raise
     except (ValueError, KeyError, TypeError, binascii.Error) as exc:
         raise InvalidCursor("Malformed cursor: pass back exactly the next_cursor of a previous page.") from exc
+    if not EARLIEST_CREATED_AT <= position.created_at <= LATEST_CREATED_AT:
+        # No trace can sit there (created_at's range), so no page could have ended there: the cursor was forged.
+        raise InvalidCursor("Malformed cursor: pass back exactly the next_cursor of a previous page.")
     if owner != organization_id:
         raise InvalidCursor("This cursor was issued for another organization; start again without a cursor.")
     if issued_for != fingerprint:

@@ -20,7 +20,7 @@ from llmtrace.alter_delete import AlterTableDelete
 from llmtrace.conversion import trace_from_row
 from llmtrace.engine import driver_client
 from llmtrace.errors import DatabaseError, TraceNotFound, database_errors
-from llmtrace.filters import TraceFilter
+from llmtrace.filters import OrganizationScope, TraceFilter, require_organization
 from llmtrace.ingest import TraceInput, validate_traces, validated_batches, write_batch
 from llmtrace.model import LLMTrace
 from llmtrace.pagination import Position, TracePage, decode_cursor, encode_cursor
@@ -36,9 +36,10 @@ MAX_PAGE_SIZE = 10_000
 class TraceRepository:
     """Write, read and report on LLM traces stored in ClickHouse.
 
-    Every method that returns traces requires an ``organization_id`` and only ever returns that
-    organization's traces. Database failures raise :class:`llmtrace.errors.DatabaseError` with the driver's
-    exception as ``__cause__``.
+    Every method that reads, counts, reports on or deletes traces requires an ``organization_id``, checked at
+    run time (``None`` or ``""`` raise), and only ever touches that organization's traces. Reports and counts
+    across organizations are asked for by name, with :data:`llmtrace.ALL_ORGANIZATIONS`. Database failures
+    raise :class:`llmtrace.errors.DatabaseError` with the driver's exception as ``__cause__``.
 
     Args:
         engine: An engine from :func:`llmtrace.get_engine` whose database has been migrated.
@@ -144,7 +145,11 @@ class TraceRepository:
 
         Raises:
             TraceNotFound: No such trace in that organization.
+            TypeError, ValueError: ``organization_id`` does not name one organization, or ``trace_id`` is no str.
         """
+        require_organization(organization_id, method="get")
+        if not isinstance(trace_id, str):
+            raise TypeError(f"get() needs trace_id, the trace's id, as a str; got {trace_id!r}")
         statement = select(TABLE).where(TABLE.c.organization_id == organization_id, TABLE.c.id == trace_id).limit(1)
         with database_errors(f"reading trace {trace_id!r}"), self.engine.connect() as connection:
             row = connection.execute(statement).first()
@@ -187,7 +192,12 @@ class TraceRepository:
 
         Raises:
             InvalidCursor: The cursor is malformed or belongs to another organization or other filters.
+            TypeError, ValueError: ``organization_id`` does not name one organization, or ``limit`` is not an
+                int between 1 and 10,000.
         """
+        require_organization(organization_id, method="list")
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            raise TypeError(f"limit must be an int, got {limit!r}")
         if not 1 <= limit <= MAX_PAGE_SIZE:
             raise ValueError(f"limit must be between 1 and {MAX_PAGE_SIZE}, got {limit}")
         trace_filter = TraceFilter(
@@ -214,9 +224,12 @@ class TraceRepository:
             )
         return TracePage(items=items, next_cursor=next_cursor)
 
-    def count(self, organization_id: str, **filters: Any) -> int:
-        """Count an organization's traces matching the same filters as :meth:`list` (keyword arguments)."""
-        trace_filter = _filter(organization_id, filters)
+    def count(self, organization_id: OrganizationScope, **filters: Any) -> int:
+        """Count an organization's traces matching the same filters as :meth:`list` (keyword arguments).
+
+        ``organization_id`` may be :data:`llmtrace.ALL_ORGANIZATIONS` to count across organizations.
+        """
+        trace_filter = _filter(organization_id, filters, method="count")
         with database_errors("counting traces"), self.engine.connect() as connection:
             return int(connection.execute(trace_filter.apply(select(func.count()).select_from(TABLE))).scalar_one())
 
@@ -224,8 +237,8 @@ class TraceRepository:
 
     def usage(
         self,
+        organization_id: OrganizationScope,
         *,
-        organization_id: str | None = None,
         group_by: Sequence[str] = ("model",),
         since: datetime | None = None,
         until: datetime | None = None,
@@ -236,7 +249,8 @@ class TraceRepository:
         """Token, byte, error and latency totals per group (and per time bucket).
 
         Args:
-            organization_id: One organization, or ``None`` for all of them (the operator's view).
+            organization_id: One organization, or :data:`llmtrace.ALL_ORGANIZATIONS` for all of them (the
+                operator's view); ``None`` is refused, so that a lost caller identity never widens a report.
             group_by: Any of organization_id, project_id, agent_id, model, provider, call_type, is_byok,
                 is_error; ``()`` for one grand total.
             since: Only traces created at or after this instant.
@@ -248,10 +262,10 @@ class TraceRepository:
             **filters: The filters of :meth:`list` (agent_id, model, is_error, ...).
 
         Returns:
-            One :class:`UsageRow` per group, ordered by bucket then group keys.
+            One :class:`UsageRow` per group, ordered by bucket then group keys; no rows when no trace matches.
         """
         keys = validate_grouping(group_by, granularity, percentiles)
-        trace_filter = _filter(organization_id, {**filters, "since": since, "until": until})
+        trace_filter = _filter(organization_id, {**filters, "since": since, "until": until}, method="usage")
         statement = trace_filter.apply(usage_statement(keys, granularity, percentiles))
         with database_errors("computing usage"), self.engine.connect() as connection:
             rows = connection.execute(statement).mappings().all()
@@ -283,7 +297,10 @@ class TraceRepository:
 
         Raises:
             DatabaseError: ClickHouse failed, or matching rows were still found afterwards.
+            TypeError, ValueError: ``organization_id`` does not name one organization (a delete never spans
+                several).
         """
+        require_organization(organization_id, method="delete")
         trace_filter = TraceFilter(organization_id=organization_id, agent_id=agent_id, run_id=run_id, until=before)
         counting = trace_filter.apply(select(func.count()).select_from(TABLE))
         with database_errors("deleting traces"), self.engine.connect() as connection:
@@ -300,9 +317,11 @@ class TraceRepository:
         return matching
 
 
-def _filter(organization_id: str | None, filters: Mapping[str, Any]) -> TraceFilter:
+def _filter(organization_id: object, filters: Mapping[str, Any], *, method: str) -> TraceFilter:
+    """The filter of a report or count, which may span every organization when asked by name."""
+    scope = require_organization(organization_id, method=method, across=True)
     try:
-        return TraceFilter(organization_id=organization_id, **filters)
+        return TraceFilter(organization_id=scope, **filters)
     except TypeError as exc:
         accepted = ", ".join(name for name in TraceFilter.__dataclass_fields__ if name != "organization_id")
         raise TypeError(f"{exc}; the accepted filters are {accepted}") from exc

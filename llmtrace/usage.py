@@ -20,6 +20,10 @@ PERCENTILES = (0.5, 0.95, 0.99)
 # "approximate" (a t-digest) uses a few kilobytes per group, whatever its size, and is usually within about
 # 1% of the exact value: the choice for reports over very many traces, such as all organizations over months.
 PERCENTILE_FUNCTIONS = {"exact": "quantilesExact", "approximate": "quantilesTDigest"}
+# ClickHouse's toStartOfHour/Day/Month return DateTime/Date by default, whose range (1970 to 2106, 2149 for Date)
+# is narrower than created_at's (1900 to 2299): earlier and later traces would be clamped into one bucket. With
+# this setting they return DateTime64/Date32, which cover created_at's whole range.
+USAGE_SETTINGS = {"enable_extended_results_for_datetime_functions": 1}
 # Optional string columns hold '' for "absent"; group keys report that as None, like LLMTrace does.
 _EMPTY_MEANS_NONE = frozenset({"organization_id", "project_id", "agent_id"})
 
@@ -100,12 +104,19 @@ def validate_grouping(group_by: Sequence[str], granularity: str | None, percenti
 
 
 def bucket_expression(granularity: str) -> ColumnElement[Any]:
-    created_at = TABLE.c.created_at
+    """The UTC start of the hour, day or month each trace falls in, right over created_at's whole range.
+
+    ClickHouse truncates a DateTime64 before 1970 toward zero when it drops the fraction of a second, so
+    1969-12-31 23:59:59.5 would start the hour 1970-01-01 00:00. Flooring to the whole second first, in integer
+    microseconds, avoids that; the bucket functions are right on whole seconds.
+    """
+    micros = func.toUnixTimestamp64Micro(TABLE.c.created_at)
+    whole_second = func.fromUnixTimestamp64Micro(micros - func.positiveModulo(micros, 1_000_000), "UTC")
     if granularity == "hour":
-        return func.toStartOfHour(created_at)
+        return func.toStartOfHour(whole_second)
     if granularity == "day":
-        return func.toStartOfDay(created_at)
-    return func.toStartOfMonth(created_at)
+        return func.toStartOfDay(whole_second)
+    return func.toStartOfMonth(whole_second)
 
 
 def usage_statement(keys: tuple[str, ...], granularity: str | None, percentiles: str) -> Select[Any]:
@@ -131,10 +142,12 @@ def usage_statement(keys: tuple[str, ...], granularity: str | None, percentiles:
             "latency_percentiles"
         ),
     ]
-    statement = select(*group_columns, *measures)
+    statement = select(*group_columns, *measures).execution_options(settings=USAGE_SETTINGS)
     if group_columns:
-        statement = statement.group_by(*group_columns).order_by(*group_columns)
-    return statement
+        return statement.group_by(*group_columns).order_by(*group_columns)
+    # Without GROUP BY an aggregate query returns one row even over no traces (zero counts, a NaN or 0 median);
+    # a report over nothing has no rows.
+    return statement.having(func.count() > 0)
 
 
 def usage_row(values: Mapping[Any, Any], keys: tuple[str, ...], granularity: str | None) -> UsageRow:

@@ -13,6 +13,8 @@ from llmtrace.model import UINT32_MAX
 # right-to-left scripts, quotes, backslashes, NUL and newlines all appear.
 any_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=40)
 optional_text = st.none() | any_text
+# An organization id names a tenant: any text but a blank one.
+organization_ids = any_text.filter(lambda text: text.strip() != "")
 tokens = st.integers(0, UINT32_MAX)
 optional_tokens = st.none() | st.integers(0, 3) | tokens
 created_at = st.datetimes(
@@ -26,7 +28,7 @@ def llm_traces(draw: st.DrawFn, *, id_prefix: str = "") -> LLMTrace:
     completion = draw(st.integers(0, 2**31 - 1))
     return LLMTrace(
         id=id_prefix + draw(any_text),
-        organization_id=draw(any_text),
+        organization_id=draw(organization_ids),
         project_id=draw(optional_text),
         agent_id=draw(optional_text),
         agent_tags=draw(st.lists(any_text, max_size=30)),

@@ -5,11 +5,21 @@ from __future__ import annotations
 import base64
 import json
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, text
 
-from llmtrace import DatabaseError, InvalidCursor, LLMTrace, SchemaNotMigratedError, TraceNotFound, TraceRepository
+from llmtrace import (
+    ALL_ORGANIZATIONS,
+    DatabaseError,
+    InvalidCursor,
+    LLMTrace,
+    SchemaNotMigratedError,
+    TraceNotFound,
+    TraceRepository,
+)
+from llmtrace.engine import driver_client
 from llmtrace.errors import database_errors
 from llmtrace.filters import TraceFilter
 from tests.factories import BASE_TIME, make_trace
@@ -97,7 +107,7 @@ def test_no_read_returns_another_organizations_traces(repository: TraceRepositor
     assert repository.count("org-a") == 20
     with pytest.raises(TraceNotFound):
         repository.get("org-a", theirs[0].id)
-    (usage,) = repository.usage(organization_id="org-a", group_by=())
+    (usage,) = repository.usage("org-a", group_by=())
     assert usage.requests == 20
 
     their_cursor = repository.list("org-b", limit=5).next_cursor
@@ -128,6 +138,115 @@ def test_cursor_errors(repository: TraceRepository) -> None:
 def test_list_limit_is_checked(repository: TraceRepository) -> None:
     with pytest.raises(ValueError, match="limit must be between 1 and 10000, got 0"):
         repository.list("org-1", limit=0)
+    for not_an_int in (True, "5", 2.0):
+        with pytest.raises(TypeError, match="limit must be an int"):
+            repository.list("org-1", limit=not_an_int)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("moment", ["0001-01-01T00:00:00+00:00", "9999-12-31T23:59:59+00:00", "1899-12-31T23:59:59"])
+def test_a_cursor_dated_where_no_trace_can_be_is_invalid(repository: TraceRepository, moment: str) -> None:
+    repository.add_many([make_trace(i) for i in range(10)])
+    cursor = repository.list("org-1", limit=3).next_cursor
+    assert cursor is not None
+    payload = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    payload["t"] = moment
+    forged = base64.urlsafe_b64encode(json.dumps(payload).encode()).decode()
+    with pytest.raises(InvalidCursor, match="Malformed cursor"):
+        repository.list("org-1", limit=3, cursor=forged)
+
+
+# -- tenant scope: no read, count, report or delete without one organization, named explicitly ----------------
+
+TWO_TENANTS = [make_trace(i, organization_id="org-a", agent_id="a1") for i in range(30)] + [
+    make_trace(100 + i, organization_id="org-b", agent_id="a1") for i in range(23)
+]
+MISSING = [None, "", "   ", 7]
+
+
+@pytest.mark.parametrize("organization_id", MISSING, ids=repr)
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda repository, organization: repository.get(organization, TWO_TENANTS[0].id),
+        lambda repository, organization: repository.list(organization),
+        lambda repository, organization: repository.list(organization, agent_id="a1"),
+        lambda repository, organization: repository.count(organization),
+        lambda repository, organization: repository.count(organization, agent_id="a1"),
+        lambda repository, organization: repository.usage(organization, group_by=("organization_id",)),
+        lambda repository, organization: repository.delete(organization),
+        lambda repository, organization: repository.delete(organization, agent_id="a1"),
+        lambda repository, organization: repository.delete(organization, agent_id="a1", erase=False),
+    ],
+    ids=["get", "list", "list by agent", "count", "count by agent", "usage", "delete", "delete by agent", "mask"],
+)
+def test_a_missing_organization_is_refused_and_touches_nothing(
+    repository: TraceRepository, call: Any, organization_id: object
+) -> None:
+    # A service that lost its caller's identity passes None or "": that must never mean "every organization".
+    repository.add_many(TWO_TENANTS)
+    with pytest.raises((TypeError, ValueError), match="organization_id") as caught:
+        call(repository, organization_id)
+    assert repr(organization_id) in str(caught.value)
+    assert repository.count(ALL_ORGANIZATIONS) == 53
+    assert repository.count("org-b", agent_id="a1") == 23
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda repository: repository.get(ALL_ORGANIZATIONS, "x"),
+        lambda repository: repository.list(ALL_ORGANIZATIONS),
+        lambda repository: repository.delete(ALL_ORGANIZATIONS, agent_id="a1"),
+    ],
+    ids=["get", "list", "delete"],
+)
+def test_only_reports_and_counts_span_organizations(repository: TraceRepository, call: Any) -> None:
+    repository.add_many(TWO_TENANTS)
+    with pytest.raises(TypeError, match="does not accept ALL_ORGANIZATIONS"):
+        call(repository)
+    assert repository.count(ALL_ORGANIZATIONS) == 53
+
+
+def test_the_operator_view_is_asked_for_by_name(repository: TraceRepository) -> None:
+    repository.add_many(TWO_TENANTS)
+    by_organization = repository.usage(ALL_ORGANIZATIONS, group_by=("organization_id",))
+    assert {row.organization_id: row.requests for row in by_organization} == {"org-a": 30, "org-b": 23}
+    assert repository.count(ALL_ORGANIZATIONS, agent_id="a1") == 53
+    assert [row.requests for row in repository.usage("org-b", group_by=())] == [23]
+    with pytest.raises(TypeError, match=r"pass llmtrace\.ALL_ORGANIZATIONS"):
+        repository.usage(None, group_by=())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="missing 1 required positional argument: 'organization_id'"):
+        repository.usage(group_by=())  # type: ignore[call-arg]
+
+
+def test_a_blank_organization_cannot_be_written_either(repository: TraceRepository) -> None:
+    with pytest.raises(ValueError, match="organization_id"):
+        make_trace(1, organization_id=" ")
+
+
+# -- stored values: a row reads back as stored, whoever wrote it -------------------------------------------------
+
+
+def test_rows_from_other_writers_read_back_as_stored(repository: TraceRepository, migrated_engine: Engine) -> None:
+    # The reference platform's writer inserts LLMTrace.to_clickhouse_row() tuples, with the zeros its model
+    # holds: no derived total_tokens, no computed sizes, '' for absent ids.
+    written = make_trace(1, prompt_tokens=10, completion_tokens=2, project_id=None, run_id=None)
+    row = list(written.to_clickhouse_row())
+    columns = LLMTrace.clickhouse_columns()
+    for name in ("total_tokens", "request_size_bytes", "response_size_bytes"):
+        row[columns.index(name)] = 0
+    with migrated_engine.connect() as connection:
+        driver_client(connection).insert("llm_traces", [row], column_names=columns)
+
+    stored = repository.get("org-1", written.id)
+    assert (stored.total_tokens, stored.request_size_bytes, stored.response_size_bytes) == (0, 0, 0)
+    assert (stored.project_id, stored.run_id) == (None, None)
+    assert stored.to_clickhouse_row() == tuple(row)
+    (listed,) = repository.list("org-1").items
+    assert listed == stored
+    (usage,) = repository.usage("org-1", group_by=())
+    assert (usage.total_tokens, usage.request_bytes, usage.response_bytes) == (0, 0, 0)
+    assert usage.prompt_tokens == stored.prompt_tokens == 10
 
 
 HOSTILE = [

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
-from llmtrace import LLMTrace, TraceRepository, UsageRow
+from llmtrace import ALL_ORGANIZATIONS, LLMTrace, TraceRepository, UsageRow
+from llmtrace.model import EARLIEST_CREATED_AT, LATEST_CREATED_AT
 from llmtrace.synthetic import synthetic_traces
 from llmtrace.usage import PERCENTILES
 
@@ -93,10 +94,10 @@ def repository(migrated_engine: Engine) -> TraceRepository:
 
 
 def test_usage_matches_python_for_many_groupings(repository: TraceRepository) -> None:
-    cases: list[tuple[str | None, tuple[str, ...], str | None, dict[str, Any]]] = [
-        (None, ("model",), None, {}),
-        (None, (), None, {}),
-        (None, ("organization_id", "agent_id"), "day", {}),
+    cases: list[tuple[Any, tuple[str, ...], str | None, dict[str, Any]]] = [
+        (ALL_ORGANIZATIONS, ("model",), None, {}),
+        (ALL_ORGANIZATIONS, (), None, {}),
+        (ALL_ORGANIZATIONS, ("organization_id", "agent_id"), "day", {}),
         ("org-1", ("provider", "is_error"), "hour", {}),
         ("org-2", ("is_byok", "call_type", "project_id"), "month", {}),
         ("org-0", ("model",), "day", {"is_error": False, "provider": "anthropic"}),
@@ -105,17 +106,17 @@ def test_usage_matches_python_for_many_groupings(repository: TraceRepository) ->
         selected = [
             t
             for t in TRACES
-            if (organization_id is None or t.organization_id == organization_id)
+            if (organization_id is ALL_ORGANIZATIONS or t.organization_id == organization_id)
             and all(getattr(t, name) == value for name, value in filters.items())
         ]
-        rows = repository.usage(organization_id=organization_id, group_by=keys, granularity=granularity, **filters)
+        rows = repository.usage(organization_id, group_by=keys, granularity=granularity, **filters)
         assert as_comparable(rows, keys) == expected_usage(selected, keys, granularity), (keys, granularity)
         assert sum(row.requests for row in rows) == len(selected)
 
 
 def test_usage_time_window_and_ordering(repository: TraceRepository) -> None:
     since, until = END - timedelta(days=1), END
-    rows = repository.usage(group_by=("agent_id",), since=since, until=until, granularity="hour")
+    rows = repository.usage(ALL_ORGANIZATIONS, group_by=("agent_id",), since=since, until=until, granularity="hour")
     selected = [t for t in TRACES if since <= t.created_at < until]
     assert as_comparable(rows, ("agent_id",)) == expected_usage(selected, ("agent_id",), "hour")
     assert [(row.bucket, row.agent_id) for row in rows] == sorted((row.bucket, row.agent_id) for row in rows)
@@ -131,7 +132,7 @@ def test_unknown_token_counts_stay_unknown(migrated_engine: Engine) -> None:
             {**base, "id": "c", "model": "m-zero", "cached_input_tokens": None},
         ]
     )
-    by_model = {row.model: row for row in repository.usage(group_by=("model",))}
+    by_model = {row.model: row for row in repository.usage(ALL_ORGANIZATIONS, group_by=("model",))}
     assert by_model["m-unknown"].cached_input_tokens is None
     assert by_model["m-zero"].cached_input_tokens == 0
 
@@ -147,19 +148,19 @@ def test_unknown_token_counts_stay_unknown(migrated_engine: Engine) -> None:
 )
 def test_bad_usage_arguments(repository: TraceRepository, arguments: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        repository.usage(**arguments)
+        repository.usage(ALL_ORGANIZATIONS, **arguments)
 
 
 def test_group_keys_read_as_attributes(repository: TraceRepository) -> None:
-    row = repository.usage(group_by=("model", "agent_id"))[0]
+    row = repository.usage("org-1", group_by=("model", "agent_id"))[0]
     assert row.model == row.group["model"] and row.agent_id == row.group["agent_id"]
     with pytest.raises(AttributeError, match="group keys: model, agent_id"):
         _ = row.provider
 
 
 def test_approximate_percentiles_are_close_to_the_exact_ones(repository: TraceRepository) -> None:
-    exact = {row.model: row for row in repository.usage(group_by=("model",))}
-    approximate = repository.usage(group_by=("model",), percentiles="approximate")
+    exact = {row.model: row for row in repository.usage(ALL_ORGANIZATIONS, group_by=("model",))}
+    approximate = repository.usage(ALL_ORGANIZATIONS, group_by=("model",), percentiles="approximate")
     assert {row.model for row in approximate} == set(exact)
     values = []
     for row in approximate:
@@ -174,3 +175,34 @@ def test_approximate_percentiles_are_close_to_the_exact_ones(repository: TraceRe
             values.append(value)
     # The exact method only ever returns stored (whole) latencies; the t-digest interpolates between them.
     assert any(value != int(value) for value in values)
+
+
+@pytest.mark.parametrize("granularity", ["hour", "day", "month"])
+def test_buckets_are_right_over_the_whole_range_of_created_at(migrated_engine: Engine, granularity: str) -> None:
+    # ClickHouse's default bucket functions clamp to 1970..2106 (2149 for months): these would share buckets.
+    moments = [
+        EARLIEST_CREATED_AT,
+        EARLIEST_CREATED_AT + timedelta(days=40, hours=3),
+        datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(1970, 1, 1, tzinfo=UTC),
+        datetime(2106, 2, 7, 6, 28, 16, tzinfo=UTC),
+        datetime(2106, 3, 1, 0, 0, tzinfo=UTC),
+        datetime(2149, 6, 7, tzinfo=UTC),
+        datetime(2200, 7, 4, 15, 30, tzinfo=UTC),
+        LATEST_CREATED_AT,
+    ]
+    traces = [TRACES[index].model_copy(update={"created_at": moment}) for index, moment in enumerate(moments)]
+    repository = TraceRepository(migrated_engine)
+    repository.add_many(traces)
+    rows = repository.usage(ALL_ORGANIZATIONS, group_by=(), granularity=granularity)
+    assert as_comparable(rows, ()) == expected_usage(traces, (), granularity)
+    assert len(rows) == len({BUCKETS[granularity](moment) for moment in moments})
+
+
+@pytest.mark.parametrize("percentiles", ["exact", "approximate"])
+@pytest.mark.parametrize("group_by", [(), ("model",)])
+def test_a_report_over_no_traces_has_no_rows(
+    repository: TraceRepository, percentiles: str, group_by: tuple[str, ...]
+) -> None:
+    assert repository.usage("no-such-organization", group_by=group_by, percentiles=percentiles) == []
+    assert repository.usage(ALL_ORGANIZATIONS, group_by=group_by, since=END + timedelta(days=1)) == []

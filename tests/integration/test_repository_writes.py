@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
@@ -222,3 +224,121 @@ def test_the_progress_bar_shows_a_total_when_the_input_has_one(
 ) -> None:
     assert repository.add_many(source([make_trace(i) for i in range(30)]), batch_size=10, progress=True) == 30
     assert shown in capsys.readouterr().err
+
+
+# -- what add_many returns: the rows ClickHouse stored for the call, in every deduplication case ----------------
+
+
+def test_a_resent_batch_counts_only_its_first_write(repository: TraceRepository, migrated_engine: Engine) -> None:
+    batch = [make_trace(i) for i in range(50)]
+    assert [repository.add_many(batch, skip_stored=False) for _ in range(3)] == [50, 0, 0]
+    assert [repository.add_many(batch) for _ in range(2)] == [0, 0]
+    assert stored_rows(migrated_engine) == 50
+
+
+def send_at_once(repository: TraceRepository, batch: list[LLMTrace], *, senders: int, skip_stored: bool) -> list[int]:
+    """What add_many returns to each of ``senders`` threads that send ``batch`` at the same moment."""
+    start = threading.Barrier(senders)
+
+    def send() -> int:
+        start.wait()
+        return repository.add_many(batch, skip_stored=skip_stored)
+
+    with ThreadPoolExecutor(senders) as pool:
+        return [future.result() for future in [pool.submit(send) for _ in range(senders)]]
+
+
+@pytest.mark.parametrize("skip_stored", [True, False])
+def test_threads_sending_one_batch_at_once_store_it_once(migrated_engine: Engine, skip_stored: bool) -> None:
+    repository = TraceRepository(migrated_engine)
+    for round_number in range(5):
+        batch = [make_trace(1000 * round_number + i) for i in range(200)]
+        returned = send_at_once(repository, batch, senders=3, skip_stored=skip_stored)
+        assert sorted(returned) == [0, 0, 200], round_number
+    assert stored_rows(migrated_engine) == 1000
+
+
+@pytest.mark.parametrize("skip_stored", [True, False])
+def test_a_retry_after_other_deletes_is_still_stored_once(repository: TraceRepository, skip_stored: bool) -> None:
+    # The first attempt landed but its caller never heard back; deletes of another organization and of this
+    # organization's other traces happen before the retry. The retry must not store the batch again.
+    batch = [make_trace(i, agent_id="agent-kept") for i in range(40)]
+    repository.add_many([make_trace(100 + i, organization_id="org-2") for i in range(10)])
+    repository.add_many([make_trace(200 + i, agent_id="agent-gone") for i in range(10)])
+    assert repository.add_many(batch, skip_stored=skip_stored) == 40
+    assert repository.delete("org-2") == 10
+    assert repository.delete("org-1", agent_id="agent-gone", erase=False) == 10
+    assert repository.add_many(batch, skip_stored=skip_stored) == 0
+    assert repository.count("org-1") == 40
+
+
+@pytest.mark.parametrize("skip_stored", [True, False])
+@pytest.mark.parametrize("erase", [True, False])
+def test_repeated_delete_and_readd_cycles_store_the_batch_each_time(
+    repository: TraceRepository, skip_stored: bool, erase: bool
+) -> None:
+    batch = [make_trace(i) for i in range(30)]
+    for _ in range(3):  # each cycle needs one more token of the sequence than the one before
+        assert repository.add_many(batch, skip_stored=skip_stored) == 30
+        assert repository.add_many(batch, skip_stored=skip_stored) == 0
+        assert repository.delete("org-1", erase=erase) == 30
+    assert repository.add_many(batch, skip_stored=skip_stored) == 30
+    assert repository.count("org-1") == 30
+
+
+def two_months() -> list[LLMTrace]:
+    """Traces in two monthly partitions: an insert of them is two blocks, deduplicated separately."""
+    october = [make_trace(i, created_at=BASE_TIME - timedelta(days=20, seconds=i)) for i in range(25)]
+    november = [make_trace(100 + i) for i in range(35)]
+    return october + november
+
+
+@pytest.mark.parametrize("skip_stored", [True, False])
+@pytest.mark.parametrize(
+    "removal",
+    [
+        "ALTER TABLE llm_traces DROP PARTITION 202610",
+        "ALTER TABLE llm_traces DELETE WHERE toYYYYMM(created_at) = 202610 SETTINGS mutations_sync = 2",
+        "DELETE FROM llm_traces WHERE toYYYYMM(created_at) = 202610",
+    ],
+    ids=["drop partition", "mutation", "lightweight delete"],
+)
+def test_rows_removed_behind_the_writers_back_are_stored_again(
+    repository: TraceRepository, migrated_engine: Engine, skip_stored: bool, removal: str
+) -> None:
+    # Retention jobs and operators remove rows without telling llmtrace. A block whose token ClickHouse still
+    # remembers would then be dropped as a duplicate although its rows are gone: they must be stored again.
+    batch = two_months()
+    assert repository.add_many(batch, skip_stored=skip_stored) == 60
+    with migrated_engine.connect() as connection:
+        connection.execute(text(removal))
+    assert stored_rows(migrated_engine) == 35
+    assert repository.add_many(batch, skip_stored=skip_stored) == 25
+    assert repository.add_many(batch, skip_stored=skip_stored) == 0
+    assert stored_rows(migrated_engine) == 60
+    with migrated_engine.connect() as connection:
+        connection.execute(text("TRUNCATE TABLE llm_traces"))
+    assert repository.add_many(batch, skip_stored=skip_stored) == 60
+    assert stored_rows(migrated_engine) == 60
+
+
+def test_a_changed_trace_under_a_remembered_token_is_stored(repository: TraceRepository) -> None:
+    # Same identities, so the same token; but the trace was re-created at another time: another trace to the
+    # lookup, which add_many must store rather than report as deduplicated.
+    repository.add_many([make_trace(1)], skip_stored=False)
+    moved = make_trace(1, created_at=BASE_TIME + timedelta(days=1))
+    assert repository.add_many([moved], skip_stored=False) == 1
+    assert repository.count("org-1") == 2
+
+
+def test_a_failure_part_way_notes_what_earlier_batches_stored(
+    repository: TraceRepository, migrated_engine: Engine
+) -> None:
+    def traces() -> Iterator[LLMTrace]:
+        yield from (make_trace(i) for i in range(25))
+        raise RuntimeError("the source went away")
+
+    with pytest.raises(RuntimeError, match="the source went away") as caught:
+        repository.add_many(traces(), batch_size=10)
+    assert caught.value.__notes__ == ["llmtrace: 20 trace(s) from earlier batches of this call were stored."]
+    assert stored_rows(migrated_engine) == 20

@@ -250,7 +250,7 @@ def test_reads_from_worker_threads_while_the_writer_writes(migrated_engine: Engi
                     assert await asyncio.to_thread(repository.get, "org-1", trace.id) == trace
                     page = await asyncio.to_thread(repository.list, "org-1", limit=20)
                     assert len(page.items) == 20
-                    await asyncio.to_thread(repository.usage, group_by=("model",))
+                    await asyncio.to_thread(repository.usage, "org-1", group_by=("model",))
                 return 15
 
             async def write() -> int:
