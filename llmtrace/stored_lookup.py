@@ -12,7 +12,10 @@ Python and the server parses it (10,000 ids cost ~0.16 s that way, against ~0.02
 
 What this costs follows how many granules a batch's keys fall into: few for traces that are newer than what
 the table holds for their agents (a live service), most of the table for a batch scattered over its history
-(a shuffled backfill): see benchmarks/backfill.py.
+(a shuffled backfill): see benchmarks/backfill.py. Before it, a probe with two bounds in its text (the batch's
+earliest ``created_at`` and its range of organizations) asks whether any stored row could be a copy at all;
+when none can, which is the case for a service that writes its traces as they happen, the lookup is skipped.
+Parts whose newest trace is older than the batch are skipped by their min/max ``created_at`` unread.
 
 Temporary tables live in a session. Where the server refuses one (a load balancer without sticky sessions),
 the lookup falls back to queries that name at most ``LITERAL_CHUNK`` identities each, logging a warning once.
@@ -46,6 +49,10 @@ _SEMI_JOIN = (
     f"IN (SELECT {', '.join(STAGED_COLUMNS)} FROM {STAGING_TABLE})"
 )
 _BY_IDENTITY = f"{_SELECT_KEYS} FROM {TABLE_NAME} WHERE (organization_id, id) IN %(identities)s"
+_PROBE = (
+    f"SELECT 1 FROM {TABLE_NAME} WHERE created_at >= fromUnixTimestamp64Micro(%(earliest)s, 'UTC') "
+    "AND organization_id BETWEEN %(first)s AND %(last)s LIMIT 1"
+)
 
 # (organization_id, agent_id, created_at in microseconds since the epoch, id), as stored ('' for no agent).
 StoredKey = tuple[str, str, int, str]
@@ -86,12 +93,22 @@ class StoredTraces:
     def __init__(self, client: Any, *, staging: bool = True) -> None:
         self._client = client
         self._staging = staging
+        self._staging_created = False
 
     def identities(self, keys: BatchKeys) -> set[Identity]:
         """The ``(organization_id, id)`` of the batch's traces that the table holds with the same sort key."""
-        if not keys.id:
+        if not keys.id or not self.may_hold_copies(keys):
             return set()
         return {(organization, trace_id) for organization, _, _, trace_id in self._rows(keys, keys.keys())}
+
+    def may_hold_copies(self, keys: BatchKeys) -> bool:
+        """Whether any stored row could be a copy of one of the batch's traces (see the module docs)."""
+        parameters = {
+            "earliest": min(keys.created_at),
+            "first": min(keys.organization_id),
+            "last": max(keys.organization_id),
+        }
+        return bool(self._client.query(_PROBE, parameters=parameters).result_rows)
 
     def _rows(self, keys: BatchKeys, wanted: set[StoredKey]) -> set[StoredKey]:
         if self._staging:
@@ -106,7 +123,9 @@ class StoredTraces:
         return self._through_chunks(keys.identities()) & wanted
 
     def _through_staging_table(self, keys: BatchKeys) -> set[StoredKey]:
-        self._client.command(_CREATE_STAGING)
+        if not self._staging_created:
+            self._client.command(_CREATE_STAGING)
+            self._staging_created = True
         self._client.command(f"TRUNCATE TABLE {STAGING_TABLE}")
         columns = [keys.organization_id, keys.agent_id, keys.created_at]
         self._client.insert(STAGING_TABLE, columns, column_names=list(STAGED_COLUMNS), column_oriented=True)

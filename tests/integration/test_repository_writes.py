@@ -195,6 +195,27 @@ def test_any_valid_traces_round_trip(repository: TraceRepository, traces: list[L
     assert [repository.get(trace.organization_id, trace.id) for trace in batch] == batch
 
 
+def test_the_probe_skips_the_lookup_only_when_no_copy_can_exist(
+    repository: TraceRepository, migrated_engine: Engine
+) -> None:
+    repository.add_many([make_trace(i) for i in range(10)])
+    later = [make_trace(i, created_at=BASE_TIME + timedelta(hours=1, seconds=i)) for i in range(100, 110)]
+    # As old as the stored traces, but of organizations that sort after every stored one.
+    other_organizations = [make_trace(i, organization_id=f"org-{i + 2}") for i in range(3)]
+    resent = [make_trace(i) for i in range(5, 15)]
+    with migrated_engine.connect() as connection:
+        stored = StoredTraces(driver_client(connection))
+
+        def may_hold_copies(batch: list[LLMTrace]) -> bool:
+            return stored.may_hold_copies(BatchKeys.from_columns(insert_column_data(batch)))
+
+        assert may_hold_copies(later) is False
+        assert may_hold_copies(other_organizations) is False
+        assert may_hold_copies(resent) is True
+        # The boundary: a stored row created exactly at the batch's earliest instant counts.
+        assert may_hold_copies([make_trace(9, id="x")]) is True
+
+
 class _HintedIterator(Iterator[LLMTrace]):
     """An iterator that announces how many items are left, like many lazy sources do."""
 
