@@ -44,6 +44,17 @@ def main() -> None:
         connection.execute(text("OPTIMIZE TABLE llm_traces FINAL"))
         connection.execute(text("SYSTEM STOP MERGES llm_traces"))
     print(f"{args.stored:,} traces stored over {HISTORY.days} days; batches of {BATCH:,} new traces")
+    with engine.connect() as connection:
+        attempt_bytes, table_bytes = connection.execute(
+            text(
+                "SELECT sumIf(data_compressed_bytes, name = 'insert_attempt'), sum(data_compressed_bytes) "
+                "FROM system.columns WHERE database = currentDatabase() AND table = 'llm_traces'"
+            )
+        ).one()
+    print(
+        f"the hidden insert_attempt column takes {attempt_bytes / args.stored:.2f} bytes per row on disk, "
+        f"{attempt_bytes / table_bytes:.3%} of the table"
+    )
 
     count = 2 * BATCH * args.rounds
     shapes: dict[str, list[LLMTrace]] = {

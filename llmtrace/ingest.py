@@ -41,7 +41,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from llmtrace.errors import DatabaseError, TraceValidationError, database_errors
+from llmtrace.errors import DatabaseError, SchemaNotMigratedError, TraceValidationError, database_errors
 from llmtrace.model import CLICKHOUSE_COLUMNS, LLMTrace, insert_column_data
 from llmtrace.record import INSERT_ATTEMPT_COLUMN, INSERT_ATTEMPT_PREFIX, TABLE_NAME
 from llmtrace.stored_lookup import BatchKeys, Identity, StoredTraces
@@ -61,6 +61,9 @@ INSERT_SETTINGS = {
 # cycles of the very same batch within the deduplication window is not something a service does.
 MAX_ROUNDS = 100
 
+_HAS_ATTEMPT_COLUMN = (
+    "SELECT count() FROM system.columns WHERE database = currentDatabase() AND table = %(table)s AND name = %(column)s"
+)
 _ROWS_OF_ATTEMPT = (
     f"SELECT count() FROM {TABLE_NAME} WHERE {INSERT_ATTEMPT_COLUMN} = %(attempt)s "
     "AND created_at BETWEEN fromUnixTimestamp64Micro(%(earliest)s, 'UTC') "
@@ -107,6 +110,29 @@ def validated_batches(items: Iterable[TraceInput], batch_size: int) -> Iterator[
     while chunk := list(islice(iterator, batch_size)):
         yield validate_traces(chunk, start=start)
         start += len(chunk)
+
+
+# -- before the first batch -----------------------------------------------------------------------------------
+
+
+def require_current_schema(client: Any) -> None:
+    """Refuse to write into a table without the ``insert_attempt`` column, before anything is written.
+
+    Without it step 5 cannot count what an insert stored; the insert itself would succeed, and every retry
+    would then fail after it.
+
+    Raises:
+        SchemaNotMigratedError: The table is missing or predates migration 0002.
+    """
+    parameters = {"table": TABLE_NAME, "column": INSERT_ATTEMPT_COLUMN}
+    with database_errors("checking the traces table's schema"):
+        present = client.query(_HAS_ATTEMPT_COLUMN, parameters=parameters).result_rows[0][0]
+    if not present:
+        raise SchemaNotMigratedError(
+            f"The {TABLE_NAME} table of this database is missing, or predates migration 0002 (its "
+            f"{INSERT_ATTEMPT_COLUMN} column, which exactly-once writes need). Bring it up to date with "
+            "`alembic upgrade head`, `llmtrace migrate` or llmtrace.migrations.upgrade(engine); nothing was written."
+        )
 
 
 # -- 2. to 5., per batch --------------------------------------------------------------------------------------

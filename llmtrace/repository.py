@@ -21,7 +21,7 @@ from llmtrace.conversion import trace_from_row
 from llmtrace.engine import driver_client
 from llmtrace.errors import DatabaseError, TraceNotFound, database_errors
 from llmtrace.filters import OrganizationScope, TraceFilter, require_organization
-from llmtrace.ingest import TraceInput, validate_traces, validated_batches, write_batch
+from llmtrace.ingest import TraceInput, require_current_schema, validate_traces, validated_batches, write_batch
 from llmtrace.model import LLMTrace
 from llmtrace.pagination import Position, TracePage, decode_cursor, encode_cursor
 from llmtrace.record import TABLE_NAME, TRACES_TABLE
@@ -47,6 +47,7 @@ class TraceRepository:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._schema_checked = False  # whether the table has been seen to be migrated far enough to write
 
     @property
     def destination(self) -> str:
@@ -126,6 +127,9 @@ class TraceRepository:
         with bar, database_errors("connecting to ClickHouse"), self.engine.connect() as connection:
             client = driver_client(connection)
             stored = StoredTraces(client)
+            if not self._schema_checked:
+                require_current_schema(client)
+                self._schema_checked = True
             try:
                 for batch in batches:
                     written += write_batch(client, stored, batch, skip_stored=skip_stored)

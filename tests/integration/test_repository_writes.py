@@ -14,8 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, text
 
-from llmtrace import LLMTrace, TraceRepository, TraceValidationError
+from llmtrace import LLMTrace, SchemaNotMigratedError, TraceRepository, TraceValidationError
 from llmtrace.engine import driver_client
+from llmtrace.migrations import downgrade, upgrade
 from llmtrace.model import insert_column_data
 from llmtrace.stored_lookup import BatchKeys, StoredTraces
 from tests.factories import BASE_TIME, make_trace
@@ -363,3 +364,13 @@ def test_a_failure_part_way_notes_what_earlier_batches_stored(
         repository.add_many(traces(), batch_size=10)
     assert caught.value.__notes__ == ["llmtrace: 20 trace(s) from earlier batches of this call were stored."]
     assert stored_rows(migrated_engine) == 20
+
+
+def test_a_table_that_predates_the_attempt_column_is_refused_before_writing(migrated_engine: Engine) -> None:
+    downgrade(migrated_engine, "0001")
+    repository = TraceRepository(migrated_engine)
+    with pytest.raises(SchemaNotMigratedError, match=r"predates migration 0002 .*`llmtrace migrate`"):
+        repository.add_many([make_trace(1)])
+    assert stored_rows(migrated_engine) == 0
+    upgrade(migrated_engine)
+    assert repository.add_many([make_trace(1)]) == 1
