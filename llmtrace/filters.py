@@ -43,6 +43,22 @@ ALL_ORGANIZATIONS: Final = AllOrganizations()
 report over every organization (the operator's view). No other method accepts it."""
 
 OrganizationScope = str | AllOrganizations
+# The filters that match a column by equality (organization_id and the time range are handled apart).
+EQUALITY_FILTERS = (
+    "agent_id",
+    "project_id",
+    "run_id",
+    "step_id",
+    "trace_id",
+    "model",
+    "provider",
+    "call_type",
+    "billing_plan_type",
+    "billing_cost_source",
+    "billing_customer_id",
+    "is_byok",
+    "is_error",
+)
 
 
 def require_organization(organization_id: object, *, method: str, across: bool = False) -> OrganizationScope:
@@ -94,6 +110,10 @@ class TraceFilter:
     model: str | None = None
     provider: str | None = None
     call_type: str | None = None
+    billing_plan_type: str | None = None
+    billing_cost_source: str | None = None
+    billing_customer_id: str | None = None
+    is_byok: bool | None = None
     is_error: bool | None = None
     since: datetime | None = None
     until: datetime | None = None
@@ -115,8 +135,7 @@ class TraceFilter:
         conditions: list[ColumnElement[bool]] = []
         if isinstance(self.organization_id, str):
             conditions.append(TABLE.c.organization_id == self.organization_id)
-        for name in ("agent_id", "project_id", "run_id", "step_id", "trace_id", "model",
-                     "provider", "call_type", "is_error"):  # fmt: skip
+        for name in EQUALITY_FILTERS:
             value = getattr(self, name)
             if value is not None:
                 conditions.append(TABLE.c[name] == value)

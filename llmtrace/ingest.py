@@ -122,14 +122,14 @@ def require_current_schema(client: Any) -> None:
     would then fail after it.
 
     Raises:
-        SchemaNotMigratedError: The table is missing or predates migration 0002.
+        SchemaNotMigratedError: The table is missing or predates migration 0003.
     """
     parameters = {"table": TABLE_NAME, "column": INSERT_ATTEMPT_COLUMN}
     with database_errors("checking the traces table's schema"):
         present = client.query(_HAS_ATTEMPT_COLUMN, parameters=parameters).result_rows[0][0]
     if not present:
         raise SchemaNotMigratedError(
-            f"The {TABLE_NAME} table of this database is missing, or predates migration 0002 (its "
+            f"The {TABLE_NAME} table of this database is missing, or predates migration 0003 (its "
             f"{INSERT_ATTEMPT_COLUMN} column, which exactly-once writes need). Bring it up to date with "
             "`alembic upgrade head`, `llmtrace migrate` or llmtrace.migrations.upgrade(engine); nothing was written."
         )

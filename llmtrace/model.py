@@ -27,7 +27,18 @@ TokenCount = Annotated[int, Field(ge=0, le=UINT32_MAX)]
 ByteSize = Annotated[int, Field(ge=0, le=UINT64_MAX)]
 
 # Optional strings are stored as '' when absent; flags as 1/0 (what to_clickhouse_row() sends).
-OPTIONAL_STRINGS = ("project_id", "agent_id", "run_id", "step_id", "trace_id", "error_type", "error_message")
+OPTIONAL_STRINGS = (
+    "project_id",
+    "agent_id",
+    "run_id",
+    "step_id",
+    "trace_id",
+    "error_type",
+    "error_message",
+    "billing_plan_type",
+    "billing_cost_source",
+    "billing_customer_id",
+)
 FLAGS = ("is_byok", "is_error")
 
 
@@ -123,6 +134,11 @@ class LLMTrace(BaseModel):
     request_json: str = Field(..., description="Full request payload as JSON string")
     response_json: str = Field(..., description="Full response payload as JSON string")
     llm_config_json: str = Field(default="", description="LLM config as JSON string")
+
+    # Billing context (the reference platform's fields since the release after the seed)
+    billing_plan_type: str | None = Field(default=None, description="Billing plan the organization was on")
+    billing_cost_source: str | None = Field(default=None, description="What the call's cost is billed against")
+    billing_customer_id: str | None = Field(default=None, description="Customer id in the billing system")
 
     # Timestamp
     created_at: datetime = Field(default_factory=utc_now, description="When the trace was created")
@@ -221,6 +237,9 @@ class LLMTrace(BaseModel):
             self.request_json,
             self.response_json,
             self.llm_config_json,
+            self.billing_plan_type or "",
+            self.billing_cost_source or "",
+            self.billing_customer_id or "",
             self.created_at,
         )
 

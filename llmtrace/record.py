@@ -2,12 +2,14 @@
 
 One column per :class:`llmtrace.LLMTrace` field, same names, same order. Why each type:
 
-- ids (``id``, ``organization_id``, ``project_id``, ``agent_id``, ``run_id``, ``step_id``, ``trace_id``):
-  ``String``. Absent optional ids are stored as ``''`` (what ``to_clickhouse_row()`` sends) and read back as
-  ``None``; ``Nullable`` would cost a null map per column for no gain. They are high-cardinality, so
-  ``LowCardinality`` would not pay.
-- ``call_type``, ``provider``, ``model``, ``error_type``: ``LowCardinality(String)``: a handful of distinct
-  values, dictionary-encoded, so GROUP BY on them is cheap.
+- ids (``id``, ``organization_id``, ``project_id``, ``agent_id``, ``run_id``, ``step_id``, ``trace_id``,
+  ``billing_customer_id``): ``String``. Absent optional ids are stored as ``''`` (what ``to_clickhouse_row()``
+  sends) and read back as ``None``; ``Nullable`` would cost a null map per column for no gain. They are
+  high-cardinality, so ``LowCardinality`` would not pay.
+- ``call_type``, ``provider``, ``model``, ``error_type``, ``billing_plan_type``, ``billing_cost_source``:
+  ``LowCardinality(String)``: a handful of distinct values, dictionary-encoded, so GROUP BY on them is cheap.
+- the billing fields (migration 0002) default to ``''``, so writers of the seed's 28 columns, which do not
+  send them, keep working next to the platform's current 31-column writer.
 - ``agent_tags``: ``Array(LowCardinality(String))``: tags repeat across agents.
 - ``is_byok``, ``is_error``: ``Bool`` (accepts the ``1``/``0`` of ``to_clickhouse_row()``, reads as bool).
 - sizes: ``UInt64``; token counts and latency: ``UInt32``. The optional token counts (cached input, cache
@@ -27,7 +29,7 @@ indexes are not SQLAlchemy ``Index`` objects); the migrations create them, and a
 has exactly these.
 
 One more column exists in the table but not in this class: ``insert_attempt``, ``MATERIALIZED`` from the
-insert's ``log_comment`` when llmtrace sends it (migration 0002). It records which insert attempt stored each
+insert's ``log_comment`` when llmtrace sends it (migration 0003). It records which insert attempt stored each
 row, so that ``add_many`` can count the rows it really stored (see :mod:`llmtrace.ingest`). MATERIALIZED
 columns are not part of ``SELECT *`` and cannot be inserted into, so nothing else sees it.
 
@@ -141,6 +143,9 @@ class LLMTraceRecord(Base):
     request_json: Mapped[str] = mapped_column(String, clickhousedb_codec=PAYLOAD_CODEC)
     response_json: Mapped[str] = mapped_column(String, clickhousedb_codec=PAYLOAD_CODEC)
     llm_config_json: Mapped[str] = mapped_column(String, clickhousedb_codec=PAYLOAD_CODEC)
+    billing_plan_type: Mapped[str] = mapped_column(LowCardinality(String), server_default="")
+    billing_cost_source: Mapped[str] = mapped_column(LowCardinality(String), server_default="")
+    billing_customer_id: Mapped[str] = mapped_column(String, server_default="")
     created_at: Mapped[datetime] = mapped_column(DateTime64(6, "UTC"))
 
 

@@ -173,6 +173,10 @@ class TraceRepository:
         model: str | None = None,
         provider: str | None = None,
         call_type: str | None = None,
+        billing_plan_type: str | None = None,
+        billing_cost_source: str | None = None,
+        billing_customer_id: str | None = None,
+        is_byok: bool | None = None,
         is_error: bool | None = None,
         since: datetime | None = None,
         until: datetime | None = None,
@@ -187,7 +191,8 @@ class TraceRepository:
         Args:
             organization_id: The organization whose traces to list.
             agent_id: Only this agent's traces (likewise ``project_id``, ``run_id``, ``step_id``, ``model``,
-                ``provider``, ``call_type``, ``is_error``).
+                ``provider``, ``call_type``, ``billing_plan_type``, ``billing_cost_source``,
+                ``billing_customer_id``, ``is_byok``, ``is_error``).
             trace_id: Only traces with this OTEL trace id.
             since: Only traces created at or after this instant.
             until: Only traces created before this instant.
@@ -207,7 +212,8 @@ class TraceRepository:
         trace_filter = TraceFilter(
             organization_id=organization_id, agent_id=agent_id, project_id=project_id, run_id=run_id,
             step_id=step_id, trace_id=trace_id, model=model, provider=provider, call_type=call_type,
-            is_error=is_error, since=since, until=until,
+            billing_plan_type=billing_plan_type, billing_cost_source=billing_cost_source,
+            billing_customer_id=billing_customer_id, is_byok=is_byok, is_error=is_error, since=since, until=until,
         )  # fmt: skip
         fingerprint = trace_filter.fingerprint()
         statement = trace_filter.apply(select(TABLE))
@@ -256,7 +262,7 @@ class TraceRepository:
             organization_id: One organization, or :data:`llmtrace.ALL_ORGANIZATIONS` for all of them (the
                 operator's view); ``None`` is refused, so that a lost caller identity never widens a report.
             group_by: Any of organization_id, project_id, agent_id, model, provider, call_type, is_byok,
-                is_error; ``()`` for one grand total.
+                is_error, billing_plan_type, billing_cost_source, billing_customer_id; ``()`` for one grand total.
             since: Only traces created at or after this instant.
             until: Only traces created before this instant.
             granularity: ``"hour"``, ``"day"`` or ``"month"`` to add a UTC time bucket, or ``None``.

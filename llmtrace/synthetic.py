@@ -20,6 +20,7 @@ MODELS = (
     ("google_ai", "gemini-2.5-pro"),
 )
 CALL_TYPES = ("agent_step", "agent_step", "agent_step", "summarization", "embedding")
+PLANS = ("free", "pro", "pro", "enterprise")
 ERRORS = ("RateLimitError", "APITimeoutError", "ContextWindowExceededError")
 _SLOT = "<content>"
 
@@ -73,6 +74,7 @@ def synthetic_traces(
         organization, agent = tenants.draw(rng)
         size = round(math.exp(rng.uniform(low, high)))
         is_error = rng.random() < 0.02
+        is_byok = rng.random() < 0.1
         prompt = rng.randint(50, 20_000)
         yield LLMTrace(
             id=str(uuid.UUID(int=rng.getrandbits(128), version=4)),
@@ -86,7 +88,7 @@ def synthetic_traces(
             call_type=rng.choice(CALL_TYPES),
             provider=provider,
             model=model,
-            is_byok=rng.random() < 0.1,
+            is_byok=is_byok,
             prompt_tokens=prompt,
             completion_tokens=0 if is_error else rng.randint(10, 2_000),
             cached_input_tokens=rng.randint(0, prompt) if provider == "anthropic" else None,
@@ -98,6 +100,9 @@ def synthetic_traces(
             request_json=requests[model].replace(_SLOT, filler[:size]),
             response_json=response.replace(_SLOT, filler[: size // 4]),
             llm_config_json=configs[model],
+            billing_plan_type=PLANS[organization % len(PLANS)],
+            billing_cost_source="customer_key" if is_byok else "platform",
+            billing_customer_id=f"cus_{organization:06d}",
             created_at=end - timedelta(seconds=age),
         )
 

@@ -13,7 +13,19 @@ from sqlalchemy.sql import ColumnElement
 from llmtrace.record import TRACES_TABLE
 
 TABLE = TRACES_TABLE
-GROUP_KEYS = ("organization_id", "project_id", "agent_id", "model", "provider", "call_type", "is_byok", "is_error")
+GROUP_KEYS = (
+    "organization_id",
+    "project_id",
+    "agent_id",
+    "model",
+    "provider",
+    "call_type",
+    "is_byok",
+    "is_error",
+    "billing_plan_type",
+    "billing_cost_source",
+    "billing_customer_id",
+)
 GRANULARITIES = ("hour", "day", "month")
 PERCENTILES = (0.5, 0.95, 0.99)
 # How latency percentiles are computed. "exact" keeps every latency of a group in memory while the query runs;
@@ -25,7 +37,9 @@ PERCENTILE_FUNCTIONS = {"exact": "quantilesExact", "approximate": "quantilesTDig
 # this setting they return DateTime64/Date32, which cover created_at's whole range.
 USAGE_SETTINGS = {"enable_extended_results_for_datetime_functions": 1}
 # Optional string columns hold '' for "absent"; group keys report that as None, like LLMTrace does.
-_EMPTY_MEANS_NONE = frozenset({"organization_id", "project_id", "agent_id"})
+_EMPTY_MEANS_NONE = frozenset(
+    {"organization_id", "project_id", "agent_id", "billing_plan_type", "billing_cost_source", "billing_customer_id"}
+)
 
 
 @dataclass(frozen=True)

@@ -54,5 +54,8 @@ def llm_traces(draw: st.DrawFn, *, id_prefix: str = "") -> LLMTrace:
         request_json=draw(any_text | st.text(max_size=5000)),
         response_json=draw(any_text),
         llm_config_json=draw(any_text),
+        billing_plan_type=draw(optional_text),
+        billing_cost_source=draw(optional_text),
+        billing_customer_id=draw(optional_text),
         created_at=draw(created_at),
     )

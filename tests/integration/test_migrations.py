@@ -48,12 +48,15 @@ EXPECTED_TYPES = {
     "request_json": "String",
     "response_json": "String",
     "llm_config_json": "String",
+    "billing_plan_type": "LowCardinality(String)",
+    "billing_cost_source": "LowCardinality(String)",
+    "billing_customer_id": "String",
     "created_at": "DateTime64(6, 'UTC')",
 }
 PAYLOAD_COLUMNS = {"request_json", "response_json", "llm_config_json"}
 
 
-HEAD = "0002"
+HEAD = "0003"
 
 
 def table_names(engine: Engine) -> set[str]:

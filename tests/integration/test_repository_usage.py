@@ -101,6 +101,8 @@ def test_usage_matches_python_for_many_groupings(repository: TraceRepository) ->
         ("org-1", ("provider", "is_error"), "hour", {}),
         ("org-2", ("is_byok", "call_type", "project_id"), "month", {}),
         ("org-0", ("model",), "day", {"is_error": False, "provider": "anthropic"}),
+        (ALL_ORGANIZATIONS, ("billing_plan_type", "billing_cost_source"), "month", {}),
+        (ALL_ORGANIZATIONS, ("billing_customer_id",), None, {"billing_plan_type": "pro", "is_byok": False}),
     ]
     for organization_id, keys, granularity, filters in cases:
         selected = [

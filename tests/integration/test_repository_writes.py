@@ -367,9 +367,9 @@ def test_a_failure_part_way_notes_what_earlier_batches_stored(
 
 
 def test_a_table_that_predates_the_attempt_column_is_refused_before_writing(migrated_engine: Engine) -> None:
-    downgrade(migrated_engine, "0001")
+    downgrade(migrated_engine, "0002")
     repository = TraceRepository(migrated_engine)
-    with pytest.raises(SchemaNotMigratedError, match=r"predates migration 0002 .*`llmtrace migrate`"):
+    with pytest.raises(SchemaNotMigratedError, match=r"predates migration 0003 .*`llmtrace migrate`"):
         repository.add_many([make_trace(1)])
     assert stored_rows(migrated_engine) == 0
     upgrade(migrated_engine)

@@ -15,13 +15,22 @@ from llmtrace.model import TRANSPOSE_CHUNK, UINT32_MAX
 from tests.strategies import llm_traces
 
 # The reference model's clickhouse_columns(), spelled out: existing writers insert tuples in exactly this order.
-REFERENCE_COLUMNS = [
+# The seed's 28 columns are still written by older deployments of the platform; its current release adds three
+# billing fields just before created_at (31 columns), and llmtrace's model follows the current one.
+SEED_COLUMNS = [
     "id", "organization_id", "project_id", "agent_id", "agent_tags", "run_id", "step_id", "trace_id",
     "call_type", "provider", "model", "is_byok", "request_size_bytes", "response_size_bytes",
     "prompt_tokens", "completion_tokens", "total_tokens", "cached_input_tokens", "cache_write_tokens",
     "reasoning_tokens", "latency_ms", "is_error", "error_type", "error_message", "request_json",
     "response_json", "llm_config_json", "created_at",
 ]  # fmt: skip
+REFERENCE_COLUMNS = [
+    *SEED_COLUMNS[:-1],
+    "billing_plan_type",
+    "billing_cost_source",
+    "billing_customer_id",
+    "created_at",
+]
 
 REQUIRED = {"id": "t1", "organization_id": "o", "call_type": "agent_step", "provider": "openai", "model": "m",
             "request_json": "{}", "response_json": "{}"}  # fmt: skip
@@ -48,6 +57,7 @@ def test_to_clickhouse_row_uses_the_reference_encoding() -> None:
     trace = LLMTrace(**REQUIRED, is_byok=True, cached_input_tokens=0)
     row = dict(zip(REFERENCE_COLUMNS, trace.to_clickhouse_row(), strict=True))
     assert row["project_id"] == "" and row["error_type"] == "" and row["error_message"] == ""
+    assert row["billing_plan_type"] == row["billing_cost_source"] == row["billing_customer_id"] == ""
     assert row["is_byok"] == 1 and row["is_error"] == 0
     assert row["cached_input_tokens"] == 0 and row["reasoning_tokens"] is None
 
@@ -118,8 +128,9 @@ def test_naive_datetimes_are_utc_and_aware_ones_are_converted() -> None:
 
 
 def test_empty_optional_strings_mean_absent() -> None:
-    trace = LLMTrace(**REQUIRED, project_id="", error_message="", run_id="r")
+    trace = LLMTrace(**REQUIRED, project_id="", error_message="", run_id="r", billing_plan_type="")
     assert trace.project_id is None and trace.error_message is None and trace.run_id == "r"
+    assert trace.billing_plan_type is None
 
 
 def test_provider_trace_prefix_is_stripped() -> None:

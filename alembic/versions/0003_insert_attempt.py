@@ -1,7 +1,7 @@
 """Record on every row which insert attempt stored it (a hidden column), so writes can count what they stored.
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: 0003
+Revises: 0002
 Create Date: 2026-11-28
 
 ``insert_attempt`` is MATERIALIZED from the insert's ``log_comment`` setting when that starts with
@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
-revision: str = "0002"
-down_revision: str | None = "0001"
+revision: str = "0003"
+down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
