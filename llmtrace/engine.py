@@ -27,6 +27,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from llmtrace.errors import ConfigurationError, EmbeddedEngineError
+from llmtrace.errors import redacted as redacted  # re-exported: URLs are shown redacted (the CLI prints one)
 
 ENV_VAR = "LLMTRACE_DATABASE_URL"
 DEFAULT_URL = "chdb:///.llmtrace/chdb"
@@ -117,11 +118,6 @@ def get_engine(url: str | URL | None = None, **engine_kwargs: Any) -> Engine:
         "clickhousedb://user:pass@host:8123/db for a ClickHouse server "
         "(clickhouse:// and clickhouse+native:// are clickhouse-sqlalchemy's schemes, which llmtrace does not use)."
     )
-
-
-def redacted(raw: str) -> str:
-    """``raw`` with the password of a ``user:password@`` URL replaced by ``***``, for messages and logs."""
-    return re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", raw)
 
 
 # chDB hosts one data directory per process; remember which one this process opened and the lock it holds.
