@@ -8,6 +8,8 @@ Two kinds of URL are accepted:
   server or ClickHouse Cloud over HTTP(S), through clickhouse-connect's SQLAlchemy dialect.
 
 The URL comes from the ``url`` argument, else ``LLMTRACE_DATABASE_URL``, else :data:`DEFAULT_URL`.
+
+Server engines get the timeouts of :data:`SERVER_TIMEOUTS` unless the URL's query or ``connect_args`` set them.
 """
 
 from __future__ import annotations
@@ -36,6 +38,19 @@ SERVER_SCHEMES = frozenset({"clickhousedb", "clickhousedb+connect", "clickhouse+
 LOCK_FILE_NAME = "llmtrace.lock"
 DEFAULT_DATABASE = "default"
 _DATABASE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# Seconds. clickhouse-connect's own defaults are 10 s to connect and 300 s to wait for each read, so a server that
+# accepts connections and never answers holds every attempt (and a writer's whole buffer) for five minutes.
+# - connect_timeout 10 s (clickhouse-connect's own): TCP and TLS handshakes take milliseconds; 10 s without one
+#   means an unreachable or overloaded host, better retried later than waited for.
+# - send_receive_timeout 30 s: the longest silence tolerated on the socket, not a limit on a statement's duration.
+#   clickhouse-connect asks the server for progress headers (send_progress_in_http_headers) every
+#   send_receive_timeout - 5 s (clamped to 10-120 s; http_headers_progress_interval_ms, set in its
+#   apply_http_server_settings), so a server working on a long query keeps the connection alive with a header
+#   every 25 s. Every statement llmtrace sends (a 10,000-trace insert batch included) answers well within 30 s
+#   on a healthy server. A statement that may report no progress for longer, such as an erasing delete waiting
+#   for its mutation on a very large table, may need a larger value (README, "Configuration").
+SERVER_TIMEOUTS: dict[str, int] = {"connect_timeout": 10, "send_receive_timeout": 30}
 
 
 @dataclass(frozen=True)
@@ -90,15 +105,21 @@ def get_engine(url: str | URL | None = None, **engine_kwargs: Any) -> Engine:
     For the embedded engine, the data directory and the database are created on first use, and the directory
     is locked for this process (chDB allows one process per data directory).
 
+    For a server, ``connect_timeout`` and ``send_receive_timeout`` (whole seconds) default to
+    :data:`SERVER_TIMEOUTS`; set them in the URL's query (``?send_receive_timeout=120``) or in
+    ``connect_args``, which wins over the URL.
+
     Args:
         url: The database URL; see :func:`resolve_url` for the fallbacks and the module docs for the forms.
-        **engine_kwargs: Passed to :func:`sqlalchemy.create_engine` (e.g. ``pool_size``, ``echo``).
+        **engine_kwargs: Passed to :func:`sqlalchemy.create_engine` (e.g. ``pool_size``, ``echo``,
+            ``connect_args``).
 
     Returns:
         A SQLAlchemy engine on clickhouse-connect's ``clickhousedb`` dialect.
 
     Raises:
-        ConfigurationError: The URL is malformed or not a ClickHouse URL.
+        ConfigurationError: The URL is malformed or not a ClickHouse URL, or a timeout is not a positive number
+            of seconds.
         EmbeddedEngineError: chDB is not installed, the directory cannot be written, or another process holds it.
     """
     raw = resolve_url(url)
@@ -112,12 +133,38 @@ def get_engine(url: str | URL | None = None, **engine_kwargs: Any) -> Engine:
     if parsed.drivername == EMBEDDED_SCHEME:
         return _embedded_engine(parse_embedded_url(parsed), engine_kwargs)
     if parsed.drivername in SERVER_SCHEMES:
-        return create_engine(parsed, **engine_kwargs)
+        return _server_engine(parsed, engine_kwargs)
     raise ConfigurationError(
         f"Unsupported database URL scheme {parsed.drivername!r}. Use chdb:///dir for the embedded engine or "
         "clickhousedb://user:pass@host:8123/db for a ClickHouse server "
         "(clickhouse:// and clickhouse+native:// are clickhouse-sqlalchemy's schemes, which llmtrace does not use)."
     )
+
+
+def _server_engine(url: URL, engine_kwargs: dict[str, Any]) -> Engine:
+    # SQLAlchemy hands the URL's query to the driver and lets connect_args override it, so a default applies only
+    # where neither names the option.
+    connect_args = {name: value for name, value in SERVER_TIMEOUTS.items() if name not in url.query}
+    connect_args.update(engine_kwargs.pop("connect_args", {}))
+    for name in SERVER_TIMEOUTS:
+        _check_timeout(name, connect_args.get(name, url.query.get(name)))
+    return create_engine(url, connect_args=connect_args, **engine_kwargs)
+
+
+def _check_timeout(name: str, value: object) -> None:
+    # clickhouse-connect reads these as whole seconds (int()); anything else would fail only at the first connection.
+    # None, given in connect_args, is the driver's way to wait without limit.
+    if value is None:
+        return
+    try:
+        seconds = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        seconds = 0
+    if seconds <= 0 or (isinstance(value, float) and not value.is_integer()):
+        raise ConfigurationError(
+            f"{name} must be a whole number of seconds greater than 0, got {value!r} "
+            f"(in the URL's query, ?{name}=30, or in get_engine(..., connect_args={{{name!r}: 30}}))."
+        )
 
 
 # chDB hosts one data directory per process; remember which one this process opened and the lock it holds.

@@ -12,10 +12,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
+from sqlalchemy import Engine
 
 from llmtrace import DatabaseError, TraceRepository, get_engine
+from llmtrace.engine import driver_client
 from tests.factories import make_trace
 from tests.fault_servers import AUTHENTICATION_FAILED, SYNTAX_ERROR, Fault, ServerError, fault_server
 
@@ -136,6 +139,56 @@ def test_a_response_the_driver_cannot_decode_is_a_database_error() -> None:
     assert "sent a response that could not be read" in str(error)
     assert isinstance(error.__cause__, ValueError)
     assert error.transient
+
+
+# -- timeouts ---------------------------------------------------------------------------------------------------
+
+
+def driver_timeouts(engine: Engine) -> tuple[float, float]:
+    with engine.connect() as connection:
+        timeout = driver_client(connection).timeout
+    return timeout.connect_timeout, timeout.read_timeout
+
+
+@contextmanager
+def answering_server(requests: list[dict[str, str]] | None = None) -> Iterator[int]:
+    """A server that completes the handshake (and hangs on anything else, which these tests never send)."""
+    with fault_server(Fault.HANG, after_handshake=True, requests=requests) as port:
+        yield port
+
+
+def test_server_engines_get_bounded_timeouts_by_default() -> None:
+    requests: list[dict[str, str]] = []
+    with answering_server(requests) as port:
+        engine = get_engine(f"clickhousedb://default:{PASSWORD}@127.0.0.1:{port}/traces")
+        try:
+            assert driver_timeouts(engine) == (10, 30)
+        finally:
+            engine.dispose()
+    # The reason 30 s is enough for long queries: the client asks the server for a progress header every 25 s.
+    asked = [request for request in requests if "http_headers_progress_interval_ms" in request]
+    assert asked and {request["http_headers_progress_interval_ms"] for request in asked} == {"25000"}
+    assert {request["send_progress_in_http_headers"] for request in asked} == {"1"}
+
+
+@pytest.mark.parametrize(
+    ("query", "connect_args", "expected"),
+    [
+        ("?send_receive_timeout=120&connect_timeout=5", {}, (5, 120)),
+        ("?send_receive_timeout=120", {"send_receive_timeout": 7}, (10, 7)),
+        ("", {"connect_timeout": 3}, (3, 30)),
+    ],
+    ids=["url", "connect_args-over-url", "connect_args"],
+)
+def test_timeouts_are_set_by_url_or_connect_args(query: str, connect_args: dict[str, Any], expected: tuple) -> None:
+    with answering_server() as port:
+        engine = get_engine(
+            f"clickhousedb://default:{PASSWORD}@127.0.0.1:{port}/traces{query}", connect_args=connect_args
+        )
+        try:
+            assert driver_timeouts(engine) == expected
+        finally:
+            engine.dispose()
 
 
 # -- the fault servers themselves ---------------------------------------------------------------------------------
