@@ -10,6 +10,7 @@ Two kinds of URL are accepted:
 The URL comes from the ``url`` argument, else ``LLMTRACE_DATABASE_URL``, else :data:`DEFAULT_URL`.
 
 Server engines get the timeouts of :data:`SERVER_TIMEOUTS` unless the URL's query or ``connect_args`` set them.
+Embedded engines refuse to work in a process forked from the one that opened them (chDB would hang there).
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ import importlib.util
 import os
 import re
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
+from sqlalchemy.pool import Pool
 
 from llmtrace.errors import ConfigurationError, EmbeddedEngineError
 from llmtrace.errors import redacted as redacted  # re-exported: URLs are shown redacted (the CLI prints one)
@@ -103,7 +106,8 @@ def get_engine(url: str | URL | None = None, **engine_kwargs: Any) -> Engine:
     """Build a SQLAlchemy engine for the trace database.
 
     For the embedded engine, the data directory and the database are created on first use, and the directory
-    is locked for this process (chDB allows one process per data directory).
+    is locked for this process (chDB allows one process per data directory). Such an engine raises
+    :class:`EmbeddedEngineError` on every connection attempt in a process forked from this one.
 
     For a server, ``connect_timeout`` and ``send_receive_timeout`` (whole seconds) default to
     :data:`SERVER_TIMEOUTS`; set them in the URL's query (``?send_receive_timeout=120``) or in
@@ -120,7 +124,8 @@ def get_engine(url: str | URL | None = None, **engine_kwargs: Any) -> Engine:
     Raises:
         ConfigurationError: The URL is malformed or not a ClickHouse URL, or a timeout is not a positive number
             of seconds.
-        EmbeddedEngineError: chDB is not installed, the directory cannot be written, or another process holds it.
+        EmbeddedEngineError: chDB is not installed, the directory cannot be written, another process holds it,
+            or this process was forked from one that had opened the embedded engine.
     """
     raw = resolve_url(url)
     try:
@@ -167,18 +172,74 @@ def _check_timeout(name: str, value: object) -> None:
         )
 
 
-# chDB hosts one data directory per process; remember which one this process opened and the lock it holds.
+# chDB hosts one data directory per process; remember which one this process opened, the lock it holds, and which
+# process opened it. A process forked from that one inherits all three, but not a working chDB: the engine's
+# threads do not survive a fork, and every call into it there (a query, even closing a connection) waits for ever.
 _held_locks: dict[Path, int] = {}
 _held_locks_guard = threading.Lock()
+_opened_by_pid: int | None = None
+_embedded_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+# In a forked child: the parent's connection pools, kept referenced and unused. Letting them be collected would
+# close their connections, a chDB call that hangs there.
+_parent_pools: list[Pool] = []
+
+
+def _after_fork_in_child() -> None:
+    global _held_locks_guard
+    # A thread of the parent may have held the guard at the instant of the fork; that thread does not exist here.
+    _held_locks_guard = threading.Lock()
+    for engine in list(_embedded_engines):
+        # The engine gets an empty pool, so that every checkout (engine.connect(), raw_connection()) needs a new
+        # connection, which the do_connect hook refuses.
+        _parent_pools.append(engine.pool)
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _embedded_engine(target: EmbeddedTarget, engine_kwargs: dict[str, Any]) -> Engine:
     _require_chdb()
+    _refuse_if_forked()
     _prepare_directory(target.directory)
     _lock_directory(target.directory)
     _create_database(target)
     connect_args = {"interface": "chdb", "path": str(target.directory), **engine_kwargs.pop("connect_args", {})}
-    return create_engine(f"clickhousedb:///{target.database}", connect_args=connect_args, **engine_kwargs)
+    engine = create_engine(f"clickhousedb:///{target.database}", connect_args=connect_args, **engine_kwargs)
+    _refuse_connections_after_fork(engine)
+    return engine
+
+
+def _refuse_if_forked() -> None:
+    opener = _opened_by_pid
+    if opener is not None and opener != os.getpid():
+        raise _forked_error(opener)
+
+
+def _refuse_connections_after_fork(engine: Engine) -> None:
+    """Make the engine raise :class:`EmbeddedEngineError` instead of hanging when used in a forked child."""
+    owner = os.getpid()
+
+    def before_connecting(*_: Any) -> None:
+        # Runs before the driver opens a new connection, i.e. before chDB is called at all. In a forked child every
+        # checkout needs a new connection: _after_fork_in_child emptied the pool.
+        if os.getpid() != owner:
+            raise _forked_error(owner)
+
+    event.listen(engine, "do_connect", before_connecting)
+    _embedded_engines.add(engine)
+
+
+def _forked_error(opener: int) -> EmbeddedEngineError:
+    where = " on " + ", ".join(str(directory) for directory in _held_locks) if _held_locks else ""
+    return EmbeddedEngineError(
+        f"This process (pid {os.getpid()}) was forked from pid {opener} after that process had opened the embedded "
+        f"ClickHouse engine (chDB){where}. chDB cannot run in a forked process: it would hang. Open the engine "
+        "in the process that uses it, after the fork (gunicorn: without --preload, or in a post_fork hook; "
+        "multiprocessing: the 'spawn' start method), in one process only (chDB allows one process per data "
+        f"directory); or set {ENV_VAR} to a ClickHouse server URL (clickhousedb://user:pass@host:8123/db) so that "
+        "several processes can share the data."
+    )
 
 
 def _require_chdb() -> None:
@@ -240,6 +301,8 @@ def _lock_directory_once(directory: Path) -> None:
     os.write(fd, f"{os.getpid()}\n".encode())
     # Kept open for the life of the process: the kernel releases the lock when the process exits.
     _held_locks[directory] = fd
+    global _opened_by_pid
+    _opened_by_pid = os.getpid()
 
 
 def _read_holder(fd: int) -> str:
