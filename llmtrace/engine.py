@@ -45,10 +45,11 @@ _DATABASE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Seconds. clickhouse-connect's own defaults are 10 s to connect and 300 s to wait for each read, so a server that
 # accepts connections and never answers holds every attempt (and a writer's whole buffer) for five minutes.
 # - connect_timeout 10 s (clickhouse-connect's own): TCP and TLS handshakes take milliseconds; 10 s without one
-#   means an unreachable or overloaded host, better retried later than waited for.
-# - send_receive_timeout 30 s: the longest silence tolerated on the socket, not a limit on a statement's duration.
-#   clickhouse-connect asks the server for progress headers (send_progress_in_http_headers) every
-#   send_receive_timeout - 5 s (clamped to 10-120 s; http_headers_progress_interval_ms, set in its
+#   means an unreachable or overloaded host, better retried later than waited for. urllib3 also applies it to
+#   each blocked send of a request body.
+# - send_receive_timeout 30 s: the longest silence tolerated while waiting for an answer, not a limit on a
+#   statement's duration. clickhouse-connect asks the server for progress headers (send_progress_in_http_headers)
+#   every send_receive_timeout - 5 s (clamped to 10-120 s; http_headers_progress_interval_ms, set in its
 #   apply_http_server_settings), so a server working on a long query keeps the connection alive with a header
 #   every 25 s. Every statement llmtrace sends (a 10,000-trace insert batch included) answers well within 30 s
 #   on a healthy server. A statement that may report no progress for longer, such as an erasing delete waiting
