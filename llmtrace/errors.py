@@ -162,10 +162,10 @@ def transient_http_status(status: int) -> bool:
 def database_errors(action: str) -> Iterator[None]:
     """Map database failures raised in the block to :class:`DatabaseError`, keeping the original as ``__cause__``.
 
-    Mapped: the driver's exceptions, SQLAlchemy's DBAPI and pool-timeout errors, urllib3's and the socket layer's
-    errors, and anything else the driver's own code raises while reading a response it cannot decode (see
-    :func:`_raised_by_driver_decoding`). Passed through untouched: llmtrace's own errors, and programming errors
-    (``TypeError``, ``AttributeError``, ... and anything raised by code outside the driver).
+    Mapped: the driver's exceptions, SQLAlchemy's DBAPI and pool-timeout errors, urllib3's errors (and the socket
+    errors they wrap), and anything else the driver's own code raises while reading a response it cannot decode
+    (see :func:`_raised_by_driver_decoding`). Passed through untouched: llmtrace's own errors, and programming
+    errors (``TypeError``, ``AttributeError``, ... and anything else raised outside the driver).
 
     Args:
         action: What was being done, for the message (e.g. ``"inserting 1000 traces"``).
@@ -329,10 +329,11 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
 def _subject(chain: list[BaseException]) -> str:
     """``"ClickHouse at host:port"`` when the failure says where, else ``"ClickHouse"`` (e.g. the embedded engine)."""
     for error in chain:
-        for holder in (getattr(error, "conn", None), getattr(error, "pool", None)):
-            host, port = getattr(holder, "host", None), getattr(holder, "port", None)
-            if isinstance(host, str) and host:
-                return f"ClickHouse at {host}:{port}" if port else f"ClickHouse at {host}"
+        # urllib3's errors hold the connection or the pool they failed on (NewConnectionError's pool is deprecated).
+        holder = error.conn if hasattr(error, "conn") else getattr(error, "pool", None)
+        host, port = getattr(holder, "host", None), getattr(holder, "port", None)
+        if isinstance(host, str) and host:
+            return f"ClickHouse at {host}:{port}" if port else f"ClickHouse at {host}"
     from clickhouse_connect.driver.exceptions import Error as DriverError
 
     # The driver names the server's URL in its messages (SQLAlchemy's wrappers name a documentation URL instead).

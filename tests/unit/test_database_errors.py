@@ -13,7 +13,8 @@ from clickhouse_connect.driver import exceptions as driver
 from clickhouse_connect.driver._backend.httpcommon import build_http_error
 from clickhouse_connect.driver.common import coerce_int
 from clickhouse_connect.driver.transform import NativeTransform
-from urllib3.exceptions import ReadTimeoutError
+from urllib3.connection import HTTPConnection
+from urllib3.exceptions import NewConnectionError, ReadTimeoutError
 
 from llmtrace.errors import (
     TRANSIENT_ERROR_CODES,
@@ -126,6 +127,15 @@ def test_sqlalchemy_wrappers_are_classified_by_the_driver_error_inside() -> None
     assert error.transient and error.code == 252
     assert str(error).startswith("ClickHouse at clickhouse.internal:8123 failed while counting traces: Code: 252.")
     assert "[SQL:" not in str(error) and "sqlalche.me" not in str(error)
+
+
+def test_a_refused_connection_names_the_server() -> None:
+    refused = NewConnectionError(HTTPConnection("db.internal", 8123), "Failed to establish a new connection")
+    refused.__cause__ = ConnectionRefusedError(111, "Connection refused")
+    error = mapped(refused, "inserting 1000 traces")
+    assert error.transient
+    assert str(error).startswith("ClickHouse at db.internal:8123 refused the connection")
+    assert "while inserting 1000 traces: [Errno 111] Connection refused" in str(error)
 
 
 def test_a_read_timeout_names_the_timeout() -> None:
