@@ -54,9 +54,9 @@ class Fault(enum.Enum):
     BAD_GATEWAY = "bad_gateway"
     """HTTP 502 from a proxy in front of ClickHouse (an HTML page, no ClickHouse error)."""
     SERVICE_UNAVAILABLE = "service_unavailable"
-    """HTTP 503 from a proxy (no ClickHouse error)."""
+    """HTTP 503 from a proxy, with an empty body."""
     GATEWAY_TIMEOUT = "gateway_timeout"
-    """HTTP 504 from a proxy (no ClickHouse error)."""
+    """HTTP 504 from a proxy (an HTML page, no ClickHouse error)."""
     GARBAGE = "garbage"
     """HTTP 200 whose body is not what was asked for (neither a result in the requested format nor an error)."""
 
@@ -313,6 +313,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             )
         elif fault is Fault.GARBAGE:
             self._reply(200, self.server.garbage, "application/octet-stream", {"X-ClickHouse-Format": "Native"})
+        elif fault is Fault.SERVICE_UNAVAILABLE:
+            self._reply(503, b"", "text/plain", {})
         else:
             status = _PROXY_STATUS[fault]
             page = f"<html><head><title>{status}</title></head><body><center><h1>{status}</h1></center></body></html>\n"
