@@ -26,6 +26,7 @@ import http.server
 import socket
 import socketserver
 import struct
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -44,7 +45,11 @@ class Fault(enum.Enum):
     """What the server does to a request it does not answer correctly."""
 
     REFUSE = "refuse"
-    """Nothing listens on the port: the connection is refused."""
+    """Nothing listens on the port: the connection is refused.
+
+    After the handshake: the server answers each handshake request with ``Connection: close`` and stops listening
+    once it has answered all of them, so the client's next request finds nothing listening.
+    """
     RESET = "reset"
     """The server reads the request, then resets the connection (close with SO_LINGER 0)."""
     HANG = "hang"
@@ -61,8 +66,8 @@ class Fault(enum.Enum):
     """HTTP 200 whose body is not what was asked for (neither a result in the requested format nor an error)."""
 
 
-_PROXY_STATUS = {Fault.BAD_GATEWAY: 502, Fault.SERVICE_UNAVAILABLE: 503, Fault.GATEWAY_TIMEOUT: 504}
-# Bytes no ClickHouse format starts with: as Native they announce 0x8f columns whose names run past the end.
+_PROXY_PAGES = {Fault.BAD_GATEWAY: 502, Fault.GATEWAY_TIMEOUT: 504}
+# Bytes no ClickHouse format starts with: read as Native, a block of some two million columns, none of them there.
 GARBAGE_BODY = b"\x8f\xff\xfe\x00 not a ClickHouse result \xc3\x28\xa0\xa1"
 
 
@@ -169,7 +174,7 @@ class _FaultServer(socketserver.ThreadingTCPServer):
         self.garbage = garbage
         self.requests = requests
         self.stopping = threading.Event()
-        self.answered: set[str] = set()
+        self._answered: set[str] = set()
         self._connections: set[socket.socket] = set()
         self._guard = threading.Lock()
         self._listening = True
@@ -226,9 +231,16 @@ class _FaultServer(socketserver.ThreadingTCPServer):
             with suppress(OSError):
                 connection.shutdown(socket.SHUT_RDWR)
 
+    def handshake_completed_by(self, query: str) -> bool:
+        """Record that the handshake request ``query`` is answered; whether every handshake request now is."""
+        with self._guard:
+            self._answered.add(_handshake_step(query))
+            return self._answered >= set(_HANDSHAKE)
+
     def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that goes away mid-request (it timed out, or the test ended) is expected here, not an error.
-        pass
+        # A client that goes away mid-request (it timed out, or the test ended) is expected, not worth a traceback.
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -271,14 +283,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _answer_handshake(self, query: str, answer: tuple[str, bytes]) -> None:
         server = self.server
-        if server.fault is Fault.REFUSE:
-            with server._guard:
-                server.answered.add(_handshake_step(query))
-                complete = server.answered >= set(_HANDSHAKE)
-            if complete:
-                # Before answering: the client sends its next request only after this answer, so that request
-                # is certain to find nothing listening.
-                server.stop_listening()
+        if server.fault is Fault.REFUSE and server.handshake_completed_by(query):
+            # Before answering: the client sends its next request only after this answer, so that request
+            # is certain to find nothing listening.
+            server.stop_listening()
         content_type, payload = answer
         self.send_response(200)
         self.send_header("Content-Type", content_type)
@@ -316,7 +324,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         elif fault is Fault.SERVICE_UNAVAILABLE:
             self._reply(503, b"", "text/plain", {})
         else:
-            status = _PROXY_STATUS[fault]
+            status = _PROXY_PAGES[fault]
             page = f"<html><head><title>{status}</title></head><body><center><h1>{status}</h1></center></body></html>\n"
             self._reply(status, page.encode(), "text/html", {"Server": "nginx"})
 
