@@ -8,6 +8,9 @@ Two kinds of URL are accepted:
   server or ClickHouse Cloud over HTTP(S), through clickhouse-connect's SQLAlchemy dialect.
 
 The URL comes from the ``url`` argument, else ``LLMTRACE_DATABASE_URL``, else :data:`DEFAULT_URL`.
+
+Server engines get the timeouts of :data:`SERVER_TIMEOUTS` unless the URL's query or ``connect_args`` set them.
+Embedded engines refuse to work in a process forked from the one that opened them (chDB would hang there).
 """
 
 from __future__ import annotations
@@ -18,15 +21,18 @@ import importlib.util
 import os
 import re
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
+from sqlalchemy.pool import Pool
 
 from llmtrace.errors import ConfigurationError, EmbeddedEngineError
+from llmtrace.errors import redacted as redacted  # re-exported: URLs are shown redacted (the CLI prints one)
 
 ENV_VAR = "LLMTRACE_DATABASE_URL"
 DEFAULT_URL = "chdb:///.llmtrace/chdb"
@@ -35,6 +41,20 @@ SERVER_SCHEMES = frozenset({"clickhousedb", "clickhousedb+connect", "clickhouse+
 LOCK_FILE_NAME = "llmtrace.lock"
 DEFAULT_DATABASE = "default"
 _DATABASE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# Seconds. clickhouse-connect's own defaults are 10 s to connect and 300 s to wait for each read, so a server that
+# accepts connections and never answers holds every attempt (and a writer's whole buffer) for five minutes.
+# - connect_timeout 10 s (clickhouse-connect's own): TCP and TLS handshakes take milliseconds; 10 s without one
+#   means an unreachable or overloaded host, better retried later than waited for. urllib3 also applies it to
+#   each blocked send of a request body.
+# - send_receive_timeout 30 s: the longest silence tolerated while waiting for an answer, not a limit on a
+#   statement's duration. clickhouse-connect asks the server for progress headers (send_progress_in_http_headers)
+#   every send_receive_timeout - 5 s (clamped to 10-120 s; http_headers_progress_interval_ms, set in its
+#   apply_http_server_settings), so a server working on a long query keeps the connection alive with a header
+#   every 25 s. Every statement llmtrace sends (a 10,000-trace insert batch included) answers well within 30 s
+#   on a healthy server. A statement that may report no progress for longer, such as an erasing delete waiting
+#   for its mutation on a very large table, may need a larger value (README, "Configuration").
+SERVER_TIMEOUTS: dict[str, int] = {"connect_timeout": 10, "send_receive_timeout": 30}
 
 
 @dataclass(frozen=True)
@@ -87,18 +107,26 @@ def get_engine(url: str | URL | None = None, **engine_kwargs: Any) -> Engine:
     """Build a SQLAlchemy engine for the trace database.
 
     For the embedded engine, the data directory and the database are created on first use, and the directory
-    is locked for this process (chDB allows one process per data directory).
+    is locked for this process (chDB allows one process per data directory). Such an engine raises
+    :class:`EmbeddedEngineError` on every connection attempt in a process forked from this one.
+
+    For a server, ``connect_timeout`` and ``send_receive_timeout`` (whole seconds) default to
+    :data:`SERVER_TIMEOUTS`; set them in the URL's query (``?send_receive_timeout=120``) or in
+    ``connect_args``, which wins over the URL.
 
     Args:
         url: The database URL; see :func:`resolve_url` for the fallbacks and the module docs for the forms.
-        **engine_kwargs: Passed to :func:`sqlalchemy.create_engine` (e.g. ``pool_size``, ``echo``).
+        **engine_kwargs: Passed to :func:`sqlalchemy.create_engine` (e.g. ``pool_size``, ``echo``,
+            ``connect_args``).
 
     Returns:
         A SQLAlchemy engine on clickhouse-connect's ``clickhousedb`` dialect.
 
     Raises:
-        ConfigurationError: The URL is malformed or not a ClickHouse URL.
-        EmbeddedEngineError: chDB is not installed, the directory cannot be written, or another process holds it.
+        ConfigurationError: The URL is malformed or not a ClickHouse URL, or a timeout is not a positive number
+            of seconds.
+        EmbeddedEngineError: chDB is not installed, the directory cannot be written, another process holds it,
+            or this process was forked from one that had opened the embedded engine.
     """
     raw = resolve_url(url)
     try:
@@ -111,7 +139,7 @@ def get_engine(url: str | URL | None = None, **engine_kwargs: Any) -> Engine:
     if parsed.drivername == EMBEDDED_SCHEME:
         return _embedded_engine(parse_embedded_url(parsed), engine_kwargs)
     if parsed.drivername in SERVER_SCHEMES:
-        return create_engine(parsed, **engine_kwargs)
+        return _server_engine(parsed, engine_kwargs)
     raise ConfigurationError(
         f"Unsupported database URL scheme {parsed.drivername!r}. Use chdb:///dir for the embedded engine or "
         "clickhousedb://user:pass@host:8123/db for a ClickHouse server "
@@ -119,23 +147,100 @@ def get_engine(url: str | URL | None = None, **engine_kwargs: Any) -> Engine:
     )
 
 
-def redacted(raw: str) -> str:
-    """``raw`` with the password of a ``user:password@`` URL replaced by ``***``, for messages and logs."""
-    return re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", raw)
+def _server_engine(url: URL, engine_kwargs: dict[str, Any]) -> Engine:
+    # SQLAlchemy hands the URL's query to the driver and lets connect_args override it, so a default applies only
+    # where neither names the option.
+    connect_args = {name: value for name, value in SERVER_TIMEOUTS.items() if name not in url.query}
+    connect_args.update(engine_kwargs.pop("connect_args", {}))
+    for name in SERVER_TIMEOUTS:
+        _check_timeout(name, connect_args.get(name, url.query.get(name)))
+    return create_engine(url, connect_args=connect_args, **engine_kwargs)
 
 
-# chDB hosts one data directory per process; remember which one this process opened and the lock it holds.
+def _check_timeout(name: str, value: object) -> None:
+    # clickhouse-connect reads these as whole seconds (int()); anything else would fail only at the first connection.
+    # None, given in connect_args, is the driver's way to wait without limit.
+    if value is None:
+        return
+    try:
+        seconds = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        seconds = 0
+    if seconds <= 0 or (isinstance(value, float) and not value.is_integer()):
+        raise ConfigurationError(
+            f"{name} must be a whole number of seconds greater than 0, got {value!r} "
+            f"(in the URL's query, ?{name}=30, or in get_engine(..., connect_args={{{name!r}: 30}}))."
+        )
+
+
+# chDB hosts one data directory per process; remember which one this process opened, the lock it holds, and which
+# process opened it. A process forked from that one inherits all three, but not a working chDB: the engine's
+# threads do not survive a fork, and every call into it there (a query, even closing a connection) waits for ever.
 _held_locks: dict[Path, int] = {}
 _held_locks_guard = threading.Lock()
+_opened_by_pid: int | None = None
+_embedded_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+# In a forked child: the parent's connection pools, kept referenced and unused. Letting them be collected would
+# close their connections, a chDB call that hangs there.
+_parent_pools: list[Pool] = []
+
+
+def _after_fork_in_child() -> None:
+    global _held_locks_guard
+    # A thread of the parent may have held the guard at the instant of the fork; that thread does not exist here.
+    _held_locks_guard = threading.Lock()
+    for engine in list(_embedded_engines):
+        # The engine gets an empty pool, so that every checkout (engine.connect(), raw_connection()) needs a new
+        # connection, which the do_connect hook refuses.
+        _parent_pools.append(engine.pool)
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _embedded_engine(target: EmbeddedTarget, engine_kwargs: dict[str, Any]) -> Engine:
     _require_chdb()
+    _refuse_if_forked()
     _prepare_directory(target.directory)
     _lock_directory(target.directory)
     _create_database(target)
     connect_args = {"interface": "chdb", "path": str(target.directory), **engine_kwargs.pop("connect_args", {})}
-    return create_engine(f"clickhousedb:///{target.database}", connect_args=connect_args, **engine_kwargs)
+    engine = create_engine(f"clickhousedb:///{target.database}", connect_args=connect_args, **engine_kwargs)
+    _refuse_connections_after_fork(engine)
+    return engine
+
+
+def _refuse_if_forked() -> None:
+    opener = _opened_by_pid
+    if opener is not None and opener != os.getpid():
+        raise _forked_error(opener)
+
+
+def _refuse_connections_after_fork(engine: Engine) -> None:
+    """Make the engine raise :class:`EmbeddedEngineError` instead of hanging when used in a forked child."""
+    owner = os.getpid()
+
+    def before_connecting(*_: Any) -> None:
+        # Runs before the driver opens a new connection, i.e. before chDB is called at all. In a forked child every
+        # checkout needs a new connection: _after_fork_in_child emptied the pool.
+        if os.getpid() != owner:
+            raise _forked_error(owner)
+
+    event.listen(engine, "do_connect", before_connecting)
+    _embedded_engines.add(engine)
+
+
+def _forked_error(opener: int) -> EmbeddedEngineError:
+    where = " on " + ", ".join(str(directory) for directory in _held_locks) if _held_locks else ""
+    return EmbeddedEngineError(
+        f"This process (pid {os.getpid()}) was forked from pid {opener} after that process had opened the embedded "
+        f"ClickHouse engine (chDB){where}. chDB cannot run in a forked process: it would hang. Open the engine "
+        "in the process that uses it, after the fork (gunicorn: without --preload, or in a post_fork hook; "
+        "multiprocessing: the 'spawn' start method), in one process only (chDB allows one process per data "
+        f"directory); or set {ENV_VAR} to a ClickHouse server URL (clickhousedb://user:pass@host:8123/db) so that "
+        "several processes can share the data."
+    )
 
 
 def _require_chdb() -> None:
@@ -197,6 +302,8 @@ def _lock_directory_once(directory: Path) -> None:
     os.write(fd, f"{os.getpid()}\n".encode())
     # Kept open for the life of the process: the kernel releases the lock when the process exits.
     _held_locks[directory] = fd
+    global _opened_by_pid
+    _opened_by_pid = os.getpid()
 
 
 def _read_holder(fd: int) -> str:
