@@ -59,6 +59,7 @@ EQUALITY_FILTERS = (
     "is_byok",
     "is_error",
 )
+FLAG_FILTERS = frozenset({"is_byok", "is_error"})
 
 
 def require_organization(organization_id: object, *, method: str, across: bool = False) -> OrganizationScope:
@@ -121,6 +122,14 @@ class TraceFilter:
     def __post_init__(self) -> None:
         if not isinstance(self.organization_id, (str, AllOrganizations)):
             raise TypeError(f"organization_id must be a str or ALL_ORGANIZATIONS, got {self.organization_id!r}")
+        for name in EQUALITY_FILTERS:
+            # Checked here, not left to the driver: it formats values into the SQL text on the client, and an
+            # object it does not know (not a str) would be written there unquoted.
+            value = getattr(self, name)
+            flag = name in FLAG_FILTERS
+            if value is not None and not (type(value) is bool if flag else isinstance(value, str)):
+                expected = "True, False" if flag else "a str"
+                raise TypeError(f"{name} must be {expected} or None, got {type(value).__name__}: {value!r}")
         for name in ("since", "until"):
             value = getattr(self, name)
             if value is not None:

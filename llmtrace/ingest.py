@@ -3,11 +3,12 @@
 1. **Validate.** Mappings become :class:`LLMTrace` objects; every problem of a batch is collected before
    anything of it is written.
 2. **Columns.** The batch is transposed into column data; repeats of an identity ``(organization_id, id)``
-   within it are dropped (the first wins).
+   within it are dropped (the first wins). The batch's first deduplication token is derived from the
+   identities now, before the lookup.
 3. **Look up** (``skip_stored``): traces whose copy is already stored (same sort key and id) are dropped, so
    overlapping batches store each trace once (:mod:`llmtrace.stored_lookup`).
-4. **Insert** under an ``insert_deduplication_token`` derived from the batch's identities, with the insert's
-   ``log_comment`` set to a fresh attempt id that the hidden ``insert_attempt`` column records on every row.
+4. **Insert** under that token, squashed into one block per partition, with the insert's ``log_comment`` set
+   to a fresh attempt id that the hidden ``insert_attempt`` column records on every row.
 5. **Count** the rows of this attempt. That is the number returned. Fewer rows than were sent means
    ClickHouse dropped blocks as repeats of a token it remembers: the traces of those blocks whose copy is
    still stored are done; any whose copy was deleted, dropped or truncated since are inserted again under the
@@ -15,18 +16,22 @@
 
 Why a batch is stored exactly once (the README states this argument):
 
-- ClickHouse stores at most one insert per token within its deduplication window (10,000 inserts), however
-  many attempts race or retry: the token is a function of the identities sent and of the round, so every
-  attempt of a batch, in this process or another, sends the same token at each round.
+- ClickHouse stores at most one block per partition and token within its deduplication window (the last
+  10,000 blocks, one per partition an insert touches). Every attempt of a batch, in this process or another,
+  sends the same first token, because the token names the batch as the caller sent it, not what the lookup
+  left of it; and every insert is squashed into one block per partition, so two attempts' blocks of a
+  partition meet under that token and only one is stored. An attempt whose lookup runs while another is
+  landing skips the partitions already committed (each is committed whole) and meets the other in the rest.
 - The count of step 5 reads what this attempt itself stored (its own attempt id), so the return value never
   counts rows another attempt stored, and deduplicated rows are never reported as written.
 - A trace is never silently lost to a token remembered from a copy that no longer exists: step 5 sees the
-  shortfall and the next round's token is new to ClickHouse unless a concurrent attempt sent it too, in which
-  case one of them stores it and the other finds it stored.
+  shortfall, and the next round's token is new to ClickHouse unless a concurrent attempt of the batch sent it
+  too, in which case one of them stores it and the other finds it stored.
 - Not covered: two overlapping but different batches written at the same moment can both pass the lookup
   and store the traces they share twice; a trace re-sent with the same id but another ``agent_id`` or
-  ``created_at`` is a different trace to the lookup; a retry that comes after more than 10,000 other inserts
-  (the window) and after ``skip_stored=False`` skipped the lookup is stored again.
+  ``created_at`` is a different trace to the lookup; with ``skip_stored=False``, a retry that comes after more
+  than the window's 10,000 blocks is stored again; a delete of the same traces that runs while ``add_many``
+  writes them may land before or after them (both are orders the two calls could have run in).
 """
 
 from __future__ import annotations
@@ -52,6 +57,12 @@ CREATED_AT = CLICKHOUSE_COLUMNS.index("created_at")
 INSERT_SETTINGS = {
     # A batch may span many months (backfills); ClickHouse's default refuses more than 100 partitions per insert.
     "max_partitions_per_insert_block": 0,
+    # ClickHouse deduplicates a block per partition and token. Squashing the whole insert into one block (then
+    # split by partition) makes the blocks of two attempts of a batch line up partition by partition; its default
+    # limits (about a million rows, 256 MiB) or a profile without squashing would cut an insert into several
+    # blocks, committed one by one, whose split follows the data sent (the cost: the server holds a batch whole).
+    "min_insert_block_size_rows": 1 << 40,
+    "min_insert_block_size_bytes": 1 << 50,
     # Deduplication is what makes retries safe; recent servers default to asynchronous inserts, whose errors
     # and deduplication work differently. Both are set rather than assumed.
     "insert_deduplicate": 1,
@@ -88,6 +99,11 @@ def validate_traces(items: Iterable[TraceInput], *, start: int) -> list[LLMTrace
     problems: list[tuple[int, str, str]] = []
     for index, item in enumerate(items, start):
         if isinstance(item, LLMTrace):
+            # Built objects were validated when built; model_copy(update=...) and model_construct skip that, and
+            # a blank organization would store a trace that no read can reach. (Values the columns cannot hold
+            # are refused by ClickHouse, for the whole batch.)
+            if not isinstance(item.organization_id, str) or not item.organization_id.strip():
+                problems.append((index, "organization_id", "must name the organization the trace belongs to"))
             traces.append(item)
         elif isinstance(item, Mapping):
             try:
@@ -147,13 +163,15 @@ def write_batch(client: Any, stored: StoredTraces, traces: list[LLMTrace], *, sk
         traces: The batch.
         skip_stored: Look up and skip traces already stored (step 3).
     """
-    columns = insert_column_data(traces)
-    skipped: set[Identity] = set()
+    columns = without(insert_column_data(traces), set())
+    # The first token names the batch as the caller sent it, before the lookup: an attempt whose lookup runs
+    # while an earlier attempt of the same batch is landing sends fewer traces, but under the same token.
+    first_token = batch_token(columns[ORGANIZATION], columns[ID], round_number=0)
     if skip_stored:
         with database_errors(f"checking which of {len(traces)} traces are already stored"):
             skipped = stored.identities(BatchKeys.from_columns(columns))
-    columns = without(columns, skipped)
-    return insert_exactly_once(client, stored, columns) if columns[ID] else 0
+        columns = without(columns, skipped)
+    return insert_exactly_once(client, stored, columns, first_token=first_token) if columns[ID] else 0
 
 
 def without(columns: list[list[Any]], dropped: set[Identity]) -> list[list[Any]]:
@@ -169,21 +187,19 @@ def without(columns: list[list[Any]], dropped: set[Identity]) -> list[list[Any]]
     return [[value for value, kept in zip(column, keep, strict=True) if kept] for column in columns]
 
 
-def insert_exactly_once(client: Any, stored: StoredTraces, columns: list[list[Any]]) -> int:
-    """Steps 4 and 5: insert until every row of ``columns`` is stored; return the rows these inserts stored."""
+def insert_exactly_once(client: Any, stored: StoredTraces, columns: list[list[Any]], *, first_token: str) -> int:
+    """Steps 4 and 5: insert until every row of ``columns`` is stored; return the rows these inserts stored.
+
+    Round 0 sends ``first_token``; each later round names what it sends and its round number.
+    """
     written = 0
     for round_number in range(MAX_ROUNDS):
         sent = len(columns[ID])
         attempt = new_attempt_id()
-        token = batch_token(columns[ORGANIZATION], columns[ID], round_number=round_number)
+        token = first_token if round_number == 0 else batch_token(columns[ORGANIZATION], columns[ID], round_number)
+        settings = {**INSERT_SETTINGS, "insert_deduplication_token": token, "log_comment": attempt}
         with database_errors(f"inserting {sent} traces"):
-            client.insert(
-                TABLE_NAME,
-                columns,
-                column_names=list(CLICKHOUSE_COLUMNS),
-                column_oriented=True,
-                settings={**INSERT_SETTINGS, "insert_deduplication_token": token, "log_comment": attempt},
-            )
+            insert_as_one_block(client, columns, settings)
         mine = rows_of_attempt(client, attempt, columns[CREATED_AT])
         written += mine
         if mine == sent:
@@ -199,6 +215,23 @@ def insert_exactly_once(client: Any, stored: StoredTraces, columns: list[list[An
         f"{len(columns[ID])} trace(s) were dropped as duplicates {MAX_ROUNDS} times in a row without being stored; "
         "the same batch was erased and written again that many times. Send these traces in a new batch."
     )
+
+
+def insert_as_one_block(client: Any, columns: list[list[Any]], settings: dict[str, Any]) -> None:
+    """Insert ``columns`` as a single Native block.
+
+    clickhouse-connect cuts an insert into blocks of about 2 MB, sized from a sample of the data, and ClickHouse
+    derives each block's deduplication token from the insert's token and the block's position. Two attempts of a
+    batch that differ in what the lookup left of it would be cut differently, and their blocks would not meet
+    under the token. The driver's public insert() has no block size argument; its insert context has
+    one (``req_block_size``), read when data is assigned.
+    """
+    context = client.create_insert_context(
+        TABLE_NAME, list(CLICKHOUSE_COLUMNS), column_oriented=True, settings=settings
+    )
+    context.req_block_size = len(columns[0])
+    context.data = columns
+    client.insert(context=context)
 
 
 def rows_of_attempt(client: Any, attempt: str, created_at: list[int]) -> int:
@@ -217,7 +250,7 @@ def new_attempt_id() -> str:
     return f"{INSERT_ATTEMPT_PREFIX}{time.time_ns():016x}{secrets.token_hex(4)}"
 
 
-def batch_token(organization_ids: list[str], ids: list[str], *, round_number: int) -> str:
+def batch_token(organization_ids: list[str], ids: list[str], round_number: int) -> str:
     """The deduplication token of a batch: a digest of its identities in order, and of the round.
 
     Every attempt of a batch sends the same traces in the same order, so it gets the same token at each round.

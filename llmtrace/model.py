@@ -40,6 +40,27 @@ OPTIONAL_STRINGS = (
     "billing_customer_id",
 )
 FLAGS = ("is_byok", "is_error")
+STRING_FIELDS = (
+    "id",
+    "organization_id",
+    "call_type",
+    "provider",
+    "model",
+    "request_json",
+    "response_json",
+    "llm_config_json",
+    *OPTIONAL_STRINGS,
+)
+
+
+def _require_utf8(value: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"holds {value[exc.start]!r} at position {exc.start}, a lone surrogate that UTF-8 cannot encode "
+            "(the text was decoded wrongly upstream)"
+        ) from None
 
 
 def as_utc(value: datetime) -> datetime:
@@ -75,6 +96,7 @@ class LLMTrace(BaseModel):
     - ``total_tokens`` left at 0 becomes ``prompt_tokens + completion_tokens``;
     - ``request_size_bytes`` / ``response_size_bytes`` left at 0 become the UTF-8 byte length of the payload;
     - ``organization_id`` is not empty or blank (every read is scoped to one organization);
+    - every string is encodable as UTF-8 (no lone surrogates), which is what ClickHouse stores;
     - optional string fields given as ``""`` become ``None``: the table stores absent strings as ``''``, so
       the two cannot be told apart once written, and normalising here keeps write -> read exact;
     - unknown fields are rejected, so a misspelt field name is an error rather than silently dropped.
@@ -180,10 +202,31 @@ class LLMTrace(BaseModel):
                 )
         return value
 
+    @field_validator(*STRING_FIELDS)
+    @classmethod
+    def _encodable(cls, value: str | None) -> str | None:
+        # A lone surrogate (from a bad decode upstream) is a valid Python str that UTF-8, and so ClickHouse, cannot
+        # store: refused here, naming the field, rather than failing the batch at insert time. ASCII, which most
+        # JSON payloads are, is told apart without encoding.
+        if value is not None and not value.isascii():
+            _require_utf8(value)
+        return value
+
+    @field_validator("agent_tags")
+    @classmethod
+    def _encodable_tags(cls, value: list[str]) -> list[str]:
+        for tag in value:
+            if not tag.isascii():
+                _require_utf8(tag)
+        return value
+
     @model_validator(mode="after")
-    def _fill_payload_sizes(self) -> Self:
-        # Written to __dict__ directly: assigning would re-validate the whole model (validate_assignment) and
-        # double the cost of building a trace; a UTF-8 length always fits the UInt64 column.
+    def _fill_payload_sizes(self, info: ValidationInfo) -> Self:
+        # Only when a trace is built: an assignment (info.field_name set) must not rewrite a size that was read
+        # back from storage as 0. Written to __dict__ directly: assigning would re-validate the whole model
+        # (validate_assignment) and double the cost of building a trace; a UTF-8 length always fits UInt64.
+        if info.field_name is not None:
+            return self
         if self.request_size_bytes == 0 and self.request_json:
             self.__dict__["request_size_bytes"] = len(self.request_json.encode("utf-8"))
         if self.response_size_bytes == 0 and self.response_json:

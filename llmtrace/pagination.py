@@ -17,6 +17,8 @@ from llmtrace.record import TRACES_TABLE
 
 TABLE = TRACES_TABLE
 CURSOR_VERSION = 1
+# A real cursor is a few hundred characters (its trace id included); anything much longer was not issued here.
+MAX_CURSOR_LENGTH = 4096
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,8 @@ def decode_cursor(cursor: str, *, organization_id: str, fingerprint: str) -> Pos
     Raises:
         InvalidCursor: The cursor is malformed, or belongs to another organization or other filters.
     """
+    if not isinstance(cursor, str) or len(cursor) > MAX_CURSOR_LENGTH:
+        raise InvalidCursor("Malformed cursor: pass back exactly the next_cursor of a previous page.")
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         payload = json.loads(base64.urlsafe_b64decode(padded.encode()))
@@ -79,7 +83,8 @@ def decode_cursor(cursor: str, *, organization_id: str, fingerprint: str) -> Pos
         position = Position(created_at=as_utc(datetime.fromisoformat(payload["t"])), id=str(payload["i"]))
     except InvalidCursor:
         raise
-    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+    except (ValueError, KeyError, TypeError, binascii.Error, OverflowError, RecursionError) as exc:
+        # OverflowError: a time zone pushed a date past year 1 or 9999; RecursionError: deeply nested JSON.
         raise InvalidCursor("Malformed cursor: pass back exactly the next_cursor of a previous page.") from exc
     if not EARLIEST_CREATED_AT <= position.created_at <= LATEST_CREATED_AT:
         # No trace can sit there (created_at's range), so no page could have ended there: the cursor was forged.

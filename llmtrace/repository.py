@@ -76,11 +76,12 @@ class TraceRepository:
         it is written, so an invalid item stops the call with the earlier batches already stored. Whatever
         stops a call part-way, its exception carries a note saying how many traces earlier batches stored.
 
-        What is deduplicated: a trace is identified by ``(organization_id, id)``. Within a call, repeats of
-        an identity are written once (the first wins). With ``skip_stored`` (the default), traces already
-        stored are skipped, so re-sending a batch, or a batch that overlaps earlier ones, stores each trace
-        once; the lookup recognises a stored copy by its sort key and id, i.e. it must also have the same
-        ``agent_id`` and ``created_at``, which a re-sent trace does. A batch retried while its first attempt
+        What is deduplicated: a trace is identified by ``(organization_id, id)``. Within a batch, repeats of
+        an identity are written once (the first wins); a repeat in a later batch of the same call is found by
+        the lookup, so with ``skip_stored=False`` it is written again. With ``skip_stored`` (the default),
+        traces already stored are skipped, so re-sending a batch, or a batch that overlaps earlier ones, stores
+        each trace once; the lookup recognises a stored copy by its sort key and id, i.e. it must also have the
+        same ``agent_id`` and ``created_at``, which a re-sent trace does. A batch retried while its first attempt
         may still be landing (e.g. after a timeout), or sent by two threads or processes at once, is stored
         once by ClickHouse itself through an ``insert_deduplication_token`` derived from the batch's
         identities; after a :meth:`delete`, traces written again are stored again.
@@ -88,7 +89,7 @@ class TraceRepository:
         What is not: two overlapping (not identical) batches written at the same moment can both pass the
         lookup; a trace re-created with the same id but another ``agent_id`` or ``created_at`` is another
         trace to the lookup; with ``skip_stored=False``, a retry that arrives after more than the table's
-        deduplication window (10,000 inserts) is stored again.
+        deduplication window (its last 10,000 blocks, one per partition an insert touches) is stored again.
 
         Args:
             traces: :class:`LLMTrace` objects or mappings of their fields (validated like the model).
@@ -124,7 +125,7 @@ class TraceRepository:
             batches = validated_batches(traces, batch_size)
         written = 0
         bar = tqdm(total=total, disable=not progress, unit="trace", desc="writing traces")
-        with bar, database_errors("connecting to ClickHouse"), self.engine.connect() as connection:
+        with bar, database_errors("opening a connection to write traces"), self.engine.connect() as connection:
             client = driver_client(connection)
             stored = StoredTraces(client)
             if not self._schema_checked:

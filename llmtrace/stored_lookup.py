@@ -17,8 +17,9 @@ earliest ``created_at`` and its range of organizations) asks whether any stored 
 when none can, which is the case for a service that writes its traces as they happen, the lookup is skipped.
 Parts whose newest trace is older than the batch are skipped by their min/max ``created_at`` unread.
 
-Temporary tables live in a session. Where the server refuses one (a load balancer without sticky sessions),
-the lookup falls back to queries that name at most ``LITERAL_CHUNK`` identities each, logging a warning once.
+Temporary tables live in a session. Where the server cannot keep one (a load balancer without sticky sessions
+sends the next request to a server that never saw it), the lookup falls back to queries that name at most
+``LITERAL_CHUNK`` identities each, logging a warning once per ``add_many`` call.
 """
 
 from __future__ import annotations

@@ -148,8 +148,9 @@ def usage_statement(keys: tuple[str, ...], granularity: str | None, percentiles:
         func.sum(c.cached_input_tokens).label("cached_input_tokens"),
         func.sum(c.cache_write_tokens).label("cache_write_tokens"),
         func.sum(c.reasoning_tokens).label("reasoning_tokens"),
-        func.sum(c.request_size_bytes).label("request_bytes"),
-        func.sum(c.response_size_bytes).label("response_bytes"),
+        # Summed as UInt128: sizes are UInt64, and a sum of them may not fit one.
+        func.sum(func.toUInt128(c.request_size_bytes)).label("request_bytes"),
+        func.sum(func.toUInt128(c.response_size_bytes)).label("response_bytes"),
         func.avg(c.latency_ms).label("latency_avg_ms"),
         # A parametric aggregate, f(params)(column), which SQLAlchemy's func cannot spell; constant SQL only.
         literal_column(f"{PERCENTILE_FUNCTIONS[percentiles]}({', '.join(map(str, PERCENTILES))})(latency_ms)").label(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections import UserString
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -143,7 +144,16 @@ def test_list_limit_is_checked(repository: TraceRepository) -> None:
             repository.list("org-1", limit=not_an_int)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("moment", ["0001-01-01T00:00:00+00:00", "9999-12-31T23:59:59+00:00", "1899-12-31T23:59:59"])
+@pytest.mark.parametrize(
+    "moment",
+    [
+        "0001-01-01T00:00:00+00:00",
+        "9999-12-31T23:59:59+00:00",
+        "1899-12-31T23:59:59",
+        "0001-01-01T00:00:00+01:00",  # converting to UTC leaves datetime's range
+        "9999-12-31T23:59:59-01:00",
+    ],
+)
 def test_a_cursor_dated_where_no_trace_can_be_is_invalid(repository: TraceRepository, moment: str) -> None:
     repository.add_many([make_trace(i) for i in range(10)])
     cursor = repository.list("org-1", limit=3).next_cursor
@@ -153,6 +163,13 @@ def test_a_cursor_dated_where_no_trace_can_be_is_invalid(repository: TraceReposi
     forged = base64.urlsafe_b64encode(json.dumps(payload).encode()).decode()
     with pytest.raises(InvalidCursor, match="Malformed cursor"):
         repository.list("org-1", limit=3, cursor=forged)
+
+
+def test_a_cursor_that_no_page_could_have_issued_is_invalid(repository: TraceRepository) -> None:
+    nested = base64.urlsafe_b64encode(b"[" * 100_000 + b"]" * 100_000).decode()
+    for forged in (nested, "A" * 100_000):
+        with pytest.raises(InvalidCursor, match="Malformed cursor"):
+            repository.list("org-1", limit=3, cursor=forged)
 
 
 # -- tenant scope: no read, count, report or delete without one organization, named explicitly ----------------
@@ -217,6 +234,32 @@ def test_the_operator_view_is_asked_for_by_name(repository: TraceRepository) -> 
         repository.usage(None, group_by=())  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="missing 1 required positional argument: 'organization_id'"):
         repository.usage(group_by=())  # type: ignore[call-arg]
+
+
+class Crafted(UserString):
+    """Not a str: the driver would format it into the SQL text unquoted."""
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda repository: repository.delete("org-a", agent_id=Crafted("'' OR 1 = 1")),
+        lambda repository: repository.delete("org-a", run_id=Crafted("'' OR 1 = 1"), erase=False),
+        lambda repository: repository.count("org-a", agent_id=Crafted("'' OR 1 = 1")),
+        lambda repository: repository.usage("org-a", group_by=(), model=Crafted("'' OR 1 = 1")),
+        lambda repository: repository.list("org-a", step_id=Crafted("'' OR 1 = 1")),
+        lambda repository: repository.count("org-a", agent_id=0),
+        lambda repository: repository.count("org-a", agent_id=ALL_ORGANIZATIONS),
+        lambda repository: repository.count("org-a", is_error="yes"),
+        lambda repository: repository.count("org-a", is_byok=1),
+    ],
+    ids=["erase", "mask", "count", "usage", "list", "int", "sentinel", "str flag", "int flag"],
+)
+def test_a_filter_value_of_the_wrong_type_is_refused(repository: TraceRepository, call: Any) -> None:
+    repository.add_many(TWO_TENANTS)
+    with pytest.raises(TypeError, match=r"must be (a str|True, False) or None, got"):
+        call(repository)
+    assert repository.count(ALL_ORGANIZATIONS) == 53
 
 
 def test_a_blank_organization_cannot_be_written_either(repository: TraceRepository) -> None:
@@ -344,3 +387,24 @@ def test_since_must_precede_until(repository: TraceRepository) -> None:
     now = datetime.now(UTC)
     with pytest.raises(ValueError, match="must be earlier than until"):
         repository.count("org-1", since=now, until=now)
+
+
+def test_assigning_to_a_stored_trace_keeps_its_stored_values(
+    repository: TraceRepository, migrated_engine: Engine
+) -> None:
+    written = make_trace(1)
+    row = list(written.to_clickhouse_row())
+    columns = LLMTrace.clickhouse_columns()
+    row[columns.index("request_size_bytes")] = row[columns.index("response_size_bytes")] = 0
+    with migrated_engine.connect() as connection:
+        driver_client(connection).insert("llm_traces", [row], column_names=columns)
+    stored = repository.get("org-1", written.id)
+    stored.latency_ms = 5  # validated on assignment, which must not derive anything
+    assert (stored.latency_ms, stored.request_size_bytes, stored.response_size_bytes) == (5, 0, 0)
+
+
+def test_byte_sums_do_not_wrap_around(repository: TraceRepository) -> None:
+    largest = 2**64 - 1
+    repository.add_many([make_trace(1, request_size_bytes=largest), make_trace(2, request_size_bytes=57)])
+    (row,) = repository.usage("org-1", group_by=())
+    assert row.request_bytes == largest + 57

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -12,13 +14,14 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, text
 
 from llmtrace import LLMTrace, SchemaNotMigratedError, TraceRepository, TraceValidationError
 from llmtrace.engine import driver_client
 from llmtrace.migrations import downgrade, upgrade
 from llmtrace.model import insert_column_data
-from llmtrace.stored_lookup import BatchKeys, StoredTraces
+from llmtrace.stored_lookup import STAGING_TABLE, BatchKeys, StoredTraces
+from llmtrace.synthetic import synthetic_traces
 from tests.factories import BASE_TIME, make_trace
 from tests.strategies import llm_traces
 
@@ -374,3 +377,103 @@ def test_a_table_that_predates_the_attempt_column_is_refused_before_writing(migr
     assert stored_rows(migrated_engine) == 0
     upgrade(migrated_engine)
     assert repository.add_many([make_trace(1)]) == 1
+
+
+def test_a_retry_while_the_first_attempt_is_still_landing_stores_the_batch_once(
+    migrated_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A server profile without insert squashing (as a batch over 256 MiB gets by default) cuts an insert into
+    # many blocks, committed one by one. A retry whose lookup runs after the first attempt has committed some of
+    # them must neither store the rest twice nor count them twice.
+    @event.listens_for(migrated_engine, "connect")
+    def no_squashing(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.client.command("SET min_insert_block_size_rows = 0")
+        dbapi_connection.client.command("SET min_insert_block_size_bytes = 0")
+
+    migrated_engine.dispose()
+    repository = TraceRepository(migrated_engine)
+    repository.add_many([make_trace(9_999)])  # the schema check is out of the way
+    batch = [make_trace(i, request_json="x" * 20_000) for i in range(3_000)]  # ~60 MB
+    retrying = threading.local()
+    looked_up = StoredTraces.identities
+
+    def lookup_once_something_landed(self: StoredTraces, keys: BatchKeys) -> set[tuple[str, str]]:
+        if getattr(retrying, "now", False):
+            deadline = time.monotonic() + 60
+            while stored_rows(migrated_engine) == 1 and time.monotonic() < deadline:
+                time.sleep(0.002)
+        return looked_up(self, keys)
+
+    def retry() -> int:
+        retrying.now = True
+        return repository.add_many(batch)
+
+    monkeypatch.setattr(StoredTraces, "identities", lookup_once_something_landed)
+    with ThreadPoolExecutor(2) as pool:
+        second = pool.submit(retry)
+        first = pool.submit(repository.add_many, batch)
+        returned = [first.result(), second.result()]
+    assert stored_rows(migrated_engine) == 3_001, returned
+    assert sum(returned) == 3_000, returned
+
+
+def test_an_unencodable_string_is_a_validation_error_and_nothing_is_written(
+    repository: TraceRepository, migrated_engine: Engine
+) -> None:
+    batch = [make_trace(i).model_dump() for i in range(20)]
+    batch[15]["agent_id"] = "bad\ud800decode"
+    batch[17]["agent_tags"] = ["ok", "\udfff"]
+    with pytest.raises(TraceValidationError) as caught:
+        repository.add_many(batch, batch_size=10)
+    assert {(index, field) for index, field, _ in caught.value.problems} == {(15, "agent_id"), (17, "agent_tags")}
+    assert "lone surrogate" in str(caught.value)
+    assert stored_rows(migrated_engine) == 0
+
+
+def test_a_copied_trace_with_a_blank_organization_is_refused(
+    repository: TraceRepository, migrated_engine: Engine
+) -> None:
+    # model_copy(update=...) skips validation: add_many still refuses a trace no read could reach.
+    batch = [make_trace(1), make_trace(2).model_copy(update={"organization_id": " "})]
+    with pytest.raises(TraceValidationError, match="item 1, organization_id"):
+        repository.add_many(batch)
+    assert stored_rows(migrated_engine) == 0
+
+
+def test_a_batch_may_span_thousands_of_organizations_and_agents(
+    repository: TraceRepository, migrated_engine: Engine
+) -> None:
+    # What a shared writer in a multi-tenant service sends: keys as literals in the query text exceeded
+    # ClickHouse's max_query_size here. 10,000 traces over ~1,500 organizations and ~9,000 agents.
+    batch = list(
+        synthetic_traces(10_000, organizations=3_000, agents_per_organization=13, skew=1.1, payload_bytes=(10, 50))
+    )
+    assert len({trace.organization_id for trace in batch}) > 1_000
+    assert len({trace.agent_id for trace in batch}) > 5_000
+    assert repository.add_many(batch[:6_000]) == 6_000
+    assert repository.add_many(batch) == 4_000  # the lookup finds the 6,000 stored ones among 10,000 keys
+    assert repository.add_many(batch, skip_stored=False) == 0
+    expected = {(trace.organization_id, trace.id) for trace in batch}
+    assert lookup(migrated_engine, batch, staging=True) == lookup(migrated_engine, batch, staging=False) == expected
+    assert stored_rows(migrated_engine) == 10_000
+
+
+def test_a_session_that_loses_the_staging_table_falls_back_to_chunks(
+    repository: TraceRepository, migrated_engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Behind a load balancer without sticky sessions, the next request of a session may reach a server that
+    # never saw its temporary table: ClickHouse answers UNKNOWN_TABLE. Dropping the table between two lookups
+    # gives the same answer; the lookup must go on, through chunks of identities, and say so once.
+    repository.add_many([make_trace(i) for i in range(0, 40, 2)])
+    batch = [make_trace(i) for i in range(40)]
+    expected = {("org-1", make_trace(i).id) for i in range(0, 40, 2)}
+    with migrated_engine.connect() as connection:
+        client = driver_client(connection)
+        stored = StoredTraces(client)
+        assert stored.identities(BatchKeys.from_columns(insert_column_data(batch))) == expected
+        client.command(f"DROP TEMPORARY TABLE {STAGING_TABLE}")
+        with caplog.at_level(logging.WARNING, logger="llmtrace.stored_lookup"):
+            for _ in range(2):
+                assert stored.identities(BatchKeys.from_columns(insert_column_data(batch))) == expected
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 1 and "temporary tables are unavailable" in warnings[0]
