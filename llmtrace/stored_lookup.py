@@ -160,7 +160,11 @@ class StoredTraces:
         """The ``(organization_id, id)`` of the batch's traces that the table holds with the same sort key."""
         if not keys.id or not self.may_hold_copies(keys):
             return set()
-        return {(organization, trace_id) for organization, _, _, trace_id in self._rows(keys, keys.keys())}
+        return {(organization, trace_id) for organization, _, _, trace_id in self.stored_keys(keys)}
+
+    def stored_keys(self, keys: BatchKeys) -> set[StoredKey]:
+        """The batch's keys (sort key and id) that stored rows have, asked without the probe."""
+        return self._rows(keys, keys.keys())
 
     def may_hold_copies(self, keys: BatchKeys) -> bool:
         """Whether any stored row could be a copy of one of the batch's traces (see the module docs)."""

@@ -31,14 +31,18 @@ from typing import Any
 import pytest
 from alembic import command
 from alembic.runtime.migration import MigrationContext
+from clickhouse_connect.cc_sqlalchemy.dialect import ClickHouseDialect
 from sqlalchemy import Engine, text
 
 from llmtrace import ConfigurationError, TraceRepository
+from llmtrace.alter_delete import delete_statement
 from llmtrace.cli import main
 from llmtrace.ddl import DATABASE_OPTION, TOPOLOGY_OPTION
 from llmtrace.engine import ENV_VAR, driver_client, get_engine
+from llmtrace.filters import TraceFilter
 from llmtrace.migrations import PROJECT_ROOT, alembic_config, check, upgrade
 from llmtrace.model import LLMTrace, insert_column_data
+from llmtrace.record import TRACES_TABLE
 from llmtrace.stored_lookup import (
     EXTERNAL_FORMAT,
     EXTERNAL_STRUCTURE,
@@ -85,8 +89,9 @@ EXPECTED_TABLES: dict[str, dict[str, tuple[str, str | None]]] = {
         "llm_traces": ("MergeTree", REPLICATED_WINDOW),
     },
 }
-_TARGET = re.compile(r"^(?:CREATE TABLE IF NOT EXISTS|CREATE TABLE|ALTER TABLE|DROP TABLE IF EXISTS|INSERT INTO) (\S+)")
+_TARGET = re.compile(r"^(?:CREATE TABLE IF NOT EXISTS|CREATE TABLE|ALTER TABLE|DROP TABLE IF EXISTS|INSERT INTO|DELETE FROM) (\S+)")
 _ON_CLUSTER = re.compile(r" ON CLUSTER (`[^`]+`|\S+)")
+LITERAL: dict[str, Any] = {"dialect": ClickHouseDialect(), "compile_kwargs": {"literal_binds": True}}
 
 
 @pytest.fixture(autouse=True)
@@ -194,6 +199,17 @@ def test_every_statement_parses_and_has_the_topologys_structure(engine: Engine, 
     drops = [target(s) for s in parsed_downgrade if s.startswith("DROP TABLE")]
     assert drops == (["llm_traces", "llm_traces_local"] if clustered else ["llm_traces"])
     assert all(s.endswith(" SYNC") == clustered for s in parsed_downgrade if s.startswith("DROP TABLE"))
+
+
+def test_cluster_deletes_parse_and_go_to_the_local_table(engine: Engine) -> None:
+    conditions = TraceFilter(organization_id="org-1", run_id="run-'9'").clauses()
+    cluster = Topology.parse(f"cluster:{CLUSTER}")
+    statements = [
+        str(delete_statement(TRACES_TABLE, conditions, erase=erase, topology=cluster).compile(**LITERAL))
+        for erase in (True, False)
+    ]
+    for statement in formatted(engine, statements):
+        assert target(statement) == "llm_traces_local" and _ON_CLUSTER.findall(statement) == [f"`{CLUSTER}`"]
 
 
 def test_the_topology_argument_renders_what_the_environment_variable_does() -> None:
