@@ -89,7 +89,8 @@ EXPECTED_TABLES: dict[str, dict[str, tuple[str, str | None]]] = {
         "llm_traces": ("MergeTree", REPLICATED_WINDOW),
     },
 }
-_TARGET = re.compile(r"^(?:CREATE TABLE IF NOT EXISTS|CREATE TABLE|ALTER TABLE|DROP TABLE IF EXISTS|INSERT INTO|DELETE FROM) (\S+)")
+_STATEMENT_KINDS = r"CREATE TABLE(?: IF NOT EXISTS)?|ALTER TABLE|DROP TABLE IF EXISTS|INSERT INTO|DELETE FROM"
+_TARGET = re.compile(rf"^(?:{_STATEMENT_KINDS}) (\S+)")
 _ON_CLUSTER = re.compile(r" ON CLUSTER (`[^`]+`|\S+)")
 LITERAL: dict[str, Any] = {"dialect": ClickHouseDialect(), "compile_kwargs": {"literal_binds": True}}
 
