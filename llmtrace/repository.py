@@ -347,8 +347,8 @@ class TraceRepository:
         nothing to find out, and nothing to write to either.
         """
         if self._topology is None:
-            with database_errors("reading how the traces table is deployed"):
-                found = SINGLE if is_embedded(self.engine) else deployed(client)
+            # Inside the caller's error mapping, which words a failure after what the caller was doing.
+            found = SINGLE if is_embedded(self.engine) else deployed(client)
             if found is None:
                 return SINGLE
             self._topology = found
