@@ -5,6 +5,12 @@ The database URL is resolved the same way as :func:`llmtrace.get_engine`, with a
 already holds a connection (tests, :func:`llmtrace.migrations.upgrade`) passes it in
 ``config.attributes["connection"]`` so that migrations run inside the same process and chDB engine, and may
 pass ``config.attributes["target_metadata"]`` to autogenerate against an extended copy of the model.
+
+The deployment topology (:mod:`llmtrace.topology`) is ``config.attributes["topology"]`` when code passes one,
+else ``LLMTRACE_TOPOLOGY``, else detected on the connection. Offline (``--sql``) nothing is detected: the
+topology is the setting or ``single``, and a cluster's tables are qualified with the URL's database. Both reach
+the migrations (:func:`llmtrace.ddl.migration_ddl`) and the version table (:mod:`llmtrace.alembic_impl`) as
+context options.
 """
 
 from __future__ import annotations
@@ -14,12 +20,19 @@ from logging.config import fileConfig
 from typing import Any
 
 from alembic import context
+from alembic.util import CommandError
 from clickhouse_connect.cc_sqlalchemy.alembic import clickhouse_writer
 from clickhouse_connect.cc_sqlalchemy.alembic import include_object as include_clickhouse_object
-from sqlalchemy import Connection
+from sqlalchemy import Connection, text
+from sqlalchemy.engine import make_url
 
-from llmtrace.engine import DEFAULT_URL, ENV_VAR, get_engine
+import llmtrace.alembic_impl  # noqa: F401  (registers the implementation that creates the version table)
+from llmtrace.ddl import DATABASE_OPTION, TOPOLOGY_OPTION
+from llmtrace.engine import DEFAULT_URL, EMBEDDED_SCHEME, ENV_VAR, driver_client, get_engine, is_embedded
+from llmtrace.engine import parse_embedded_url as embedded_target
+from llmtrace.errors import ConfigurationError
 from llmtrace.record import HIDDEN_COLUMNS, Base
+from llmtrace.topology import LOCAL_TABLE_SUFFIX, SINGLE, Topology, configured, resolve
 
 config = context.config
 if config.config_file_name is not None and "connection" not in config.attributes:
@@ -30,14 +43,23 @@ target_metadata = config.attributes.get("target_metadata", Base.metadata)
 
 
 def include_object(object_: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
-    """clickhouse-connect's filter, plus llmtrace's hidden bookkeeping columns (see llmtrace.record).
+    """clickhouse-connect's filter, plus what llmtrace creates outside the declarative model.
 
-    They are MATERIALIZED columns that migrations create and the declarative model leaves out on purpose, so
-    autogenerate must neither drop them nor report them as drift.
+    Hidden bookkeeping columns (see llmtrace.record) are MATERIALIZED columns that migrations create and the model
+    leaves out on purpose, so autogenerate must neither drop them nor report them as drift. On a cluster, a
+    model table is the Distributed table, and its local table (``<table>_local``) is compared through it.
     """
     if type_ == "column" and reflected and name in HIDDEN_COLUMNS:
         return False
+    if type_ == "table" and reflected and name is not None and is_local_table_of_model(name):
+        return False
     return include_clickhouse_object(object_, name, type_, reflected, compare_to)
+
+
+def is_local_table_of_model(name: str) -> bool:
+    """Whether ``name`` is the local table behind a model table's Distributed table (the cluster topology)."""
+    model_table = name.removesuffix(LOCAL_TABLE_SUFFIX)
+    return model_table != name and model_table in target_metadata.tables
 
 
 CONFIGURE_OPTIONS = {
@@ -52,15 +74,48 @@ def database_url() -> str:
     return os.environ.get(ENV_VAR) or config.get_main_option("sqlalchemy.url") or DEFAULT_URL
 
 
+def topology_setting() -> Topology | None:
+    """The topology given by the caller (``config.attributes["topology"]``) or ``LLMTRACE_TOPOLOGY``, if any."""
+    return configured(config.attributes.get("topology"), source="topology")
+
+
+def url_database(url: str) -> str:
+    """The database a URL names (``default`` when it names none): what offline cluster DDL qualifies names with."""
+    parsed = make_url(url)
+    if parsed.drivername == EMBEDDED_SCHEME:
+        return embedded_target(parsed).database
+    return parsed.database or "default"
+
+
 def run_migrations_offline() -> None:
     """Print the DDL instead of running it (``alembic upgrade head --sql``); no database is opened."""
-    context.configure(dialect_name="clickhousedb", literal_binds=True, **CONFIGURE_OPTIONS)
+    topology = topology_setting() or SINGLE
+    database = url_database(database_url())
+    context.configure(
+        dialect_name="clickhousedb",
+        literal_binds=True,
+        **{TOPOLOGY_OPTION: topology, DATABASE_OPTION: database},
+        **CONFIGURE_OPTIONS,
+    )
+    context.get_context().impl.static_output(
+        f"-- llmtrace: rendered for the {topology} topology"
+        + (f", tables in database {database}" if topology.distributed else "")
+        + " (LLMTRACE_TOPOLOGY selects another: single, cluster:<name>, replicated, cloud)"
+    )
     with context.begin_transaction():
         context.run_migrations()
 
 
 def run_with_connection(connection: Connection) -> None:
-    context.configure(connection=connection, **CONFIGURE_OPTIONS)
+    topology = resolve(
+        config.attributes.get("topology"),
+        embedded=is_embedded(connection.engine),
+        client=driver_client(connection),
+    )
+    database = connection.execute(text("SELECT currentDatabase()")).scalar_one()
+    context.configure(
+        connection=connection, **{TOPOLOGY_OPTION: topology, DATABASE_OPTION: database}, **CONFIGURE_OPTIONS
+    )
     with context.begin_transaction():
         context.run_migrations()
 
@@ -78,7 +133,18 @@ def run_migrations_online() -> None:
         engine.dispose()
 
 
-if context.is_offline_mode():
-    run_migrations_offline()
-else:
-    run_migrations_online()
+def main() -> None:
+    try:
+        if context.is_offline_mode():
+            run_migrations_offline()
+        else:
+            run_migrations_online()
+    except ConfigurationError as exc:
+        if config.cmd_opts is None:
+            raise  # code calling Alembic (llmtrace.migrations) gets llmtrace's own error
+        # The alembic command line prints a CommandError as "FAILED: <message>", without a traceback: the
+        # message says what to fix.
+        raise CommandError(str(exc)) from exc
+
+
+main()

@@ -15,16 +15,19 @@ from llmtrace.filters import ALL_ORGANIZATIONS
 from llmtrace.migrations import upgrade
 from llmtrace.repository import TraceRepository
 from llmtrace.synthetic import synthetic_traces
+from llmtrace.topology import configured
 from llmtrace.usage import UsageRow
 
 ResultT = TypeVar("ResultT")
 ItemT = TypeVar("ItemT")
 
 
-def migrate(url: str | None) -> None:
+def migrate(url: str | None, topology: str | None = None) -> None:
+    """Upgrade the schema to the newest revision, for ``topology`` (else LLMTRACE_TOPOLOGY, else detected)."""
+    chosen = configured(topology, source="--topology")
     engine = get_engine(url)
-    upgrade(engine)
-    print("Schema is at the newest revision.")
+    upgrade(engine, topology=chosen)
+    print(f"Schema is at the newest revision{f' ({chosen} topology)' if chosen else ''}.")
 
 
 def timed_step(name: str, timings: dict[str, float], action: Callable[[], ResultT]) -> ResultT:
@@ -108,14 +111,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llmtrace", description="LLM traces in ClickHouse.")
     parser.add_argument("--url", help="database URL (default: $LLMTRACE_DATABASE_URL, else the embedded engine)")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("migrate", help="upgrade the schema to the newest revision")
+    migrate_parser = commands.add_parser("migrate", help="upgrade the schema to the newest revision")
+    migrate_parser.add_argument(
+        "--topology",
+        help="single, cluster:<name>, replicated or cloud (default: $LLMTRACE_TOPOLOGY, else detected)",
+    )
     demo_parser = commands.add_parser("demo", help="write generated traces and print a usage report")
     demo_parser.add_argument("--traces", type=int, default=100_000, help="how many traces to generate")
     demo_parser.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one)")
     args = parser.parse_args(argv)
     try:
         if args.command == "migrate":
-            migrate(args.url)
+            migrate(args.url, args.topology)
         else:
             demo(args.url, args.traces, args.seed)
     except LLMTraceError as exc:

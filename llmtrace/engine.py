@@ -33,6 +33,7 @@ from sqlalchemy.pool import Pool
 
 from llmtrace.errors import ConfigurationError, EmbeddedEngineError
 from llmtrace.errors import redacted as redacted  # re-exported: URLs are shown redacted (the CLI prints one)
+from llmtrace.topology import configured, require_embeddable
 
 ENV_VAR = "LLMTRACE_DATABASE_URL"
 DEFAULT_URL = "chdb:///.llmtrace/chdb"
@@ -123,8 +124,9 @@ def get_engine(url: str | URL | None = None, **engine_kwargs: Any) -> Engine:
         A SQLAlchemy engine on clickhouse-connect's ``clickhousedb`` dialect.
 
     Raises:
-        ConfigurationError: The URL is malformed or not a ClickHouse URL, or a timeout is not a positive number
-            of seconds.
+        ConfigurationError: The URL is malformed or not a ClickHouse URL, a timeout is not a positive number
+            of seconds, ``LLMTRACE_TOPOLOGY`` is not one of its accepted forms, or it names a topology other
+            than ``single`` for the embedded engine.
         EmbeddedEngineError: chDB is not installed, the directory cannot be written, another process holds it,
             or this process was forked from one that had opened the embedded engine.
     """
@@ -136,7 +138,12 @@ def get_engine(url: str | URL | None = None, **engine_kwargs: Any) -> Engine:
             f"Cannot parse the database URL {redacted(raw)!r}: {exc}. "
             "Expected chdb:///dir for the embedded engine or clickhousedb://user:pass@host:8123/db for a server."
         ) from exc
+    # A malformed LLMTRACE_TOPOLOGY, or one the embedded engine cannot be, is reported when the engine is made,
+    # before anything is written with it.
+    topology = configured()
     if parsed.drivername == EMBEDDED_SCHEME:
+        if topology is not None:
+            require_embeddable(topology)
         return _embedded_engine(parse_embedded_url(parsed), engine_kwargs)
     if parsed.drivername in SERVER_SCHEMES:
         return _server_engine(parsed, engine_kwargs)
@@ -331,6 +338,11 @@ def _create_database(target: EmbeddedTarget) -> None:
         client.command(f"CREATE DATABASE IF NOT EXISTS `{target.database}`")
     finally:
         client.close()
+
+
+def is_embedded(engine: Engine) -> bool:
+    """Whether ``engine`` is an embedded-engine (chDB) engine made by :func:`get_engine` in this process."""
+    return engine in _embedded_engines
 
 
 def driver_client(connection: Connection) -> Any:

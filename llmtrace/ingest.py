@@ -27,6 +27,13 @@ Why a batch is stored exactly once (the README states this argument):
 - A trace is never silently lost to a token remembered from a copy that no longer exists: step 5 sees the
   shortfall, and the next round's token is new to ClickHouse unless a concurrent attempt of the batch sent it
   too, in which case one of them stores it and the other finds it stored.
+- On a cluster (:mod:`llmtrace.topology`) the insert goes through the Distributed table, synchronously, and
+  ClickHouse deduplicates per shard: each shard stores at most one block per partition and token. The sharding
+  key is a function of each trace's identity, so every attempt sends a trace to the same shard, where its
+  attempts' blocks meet as above. Each shard computes ``insert_attempt`` from the ``log_comment`` the insert
+  forwards to it, and step 5 and the lookup read every shard (the lookup ships the keys with ``GLOBAL IN``), from
+  the replicas the insert wrote to (see :meth:`llmtrace.topology.Topology.read_settings`). The replicated
+  engines also forget a block's token after ``replicated_deduplication_window_seconds`` (7 days here).
 - Not covered: two overlapping but different batches written at the same moment can both pass the lookup
   and store the traces they share twice; a trace re-sent with the same id but another ``agent_id`` or
   ``created_at`` is a different trace to the lookup; with ``skip_stored=False``, a retry that comes after more
@@ -67,6 +74,13 @@ INSERT_SETTINGS = {
     # and deduplication work differently. Both are set rather than assumed.
     "insert_deduplicate": 1,
     "async_insert": 0,
+    # On a cluster llm_traces is a Distributed table. Its default is to queue the rows on the server that took
+    # the insert and forward them later; synchronously, the insert returns once every shard stored its rows (or
+    # fails), so that step 5 counts them. The name every server version accepts (distributed_foreground_insert
+    # since 23.10). in_order: the replica each shard's rows go to is the one step 5 reads (see
+    # Topology.read_settings). Neither changes an insert into a table that is not Distributed.
+    "insert_distributed_sync": 1,
+    "load_balancing": "in_order",
 }
 # Each extra round means the batch's earlier copy was erased after being stored once more; a hundred such
 # cycles of the very same batch within the deduplication window is not something a service does.
@@ -200,7 +214,7 @@ def insert_exactly_once(client: Any, stored: StoredTraces, columns: list[list[An
         settings = {**INSERT_SETTINGS, "insert_deduplication_token": token, "log_comment": attempt}
         with database_errors(f"inserting {sent} traces"):
             insert_as_one_block(client, columns, settings)
-        mine = rows_of_attempt(client, attempt, columns[CREATED_AT])
+        mine = rows_of_attempt(client, attempt, columns[CREATED_AT], settings=stored.read_settings)
         written += mine
         if mine == sent:
             return written
@@ -234,15 +248,18 @@ def insert_as_one_block(client: Any, columns: list[list[Any]], settings: dict[st
     client.insert(context=context)
 
 
-def rows_of_attempt(client: Any, attempt: str, created_at: list[int]) -> int:
+def rows_of_attempt(
+    client: Any, attempt: str, created_at: list[int], *, settings: Mapping[str, Any] | None = None
+) -> int:
     """How many rows the insert that carried ``attempt`` stored.
 
     The time range only narrows the partitions to look at; the minmax index on the attempt column then skips
-    every part written before this attempt.
+    every part written before this attempt. On a cluster the count reads the Distributed table, i.e. every
+    shard; ``settings`` are the deployment's read settings (:meth:`llmtrace.topology.Topology.read_settings`).
     """
     parameters = {"attempt": attempt, "earliest": min(created_at), "latest": max(created_at)}
     with database_errors("counting the rows an insert stored"):
-        return int(client.query(_ROWS_OF_ATTEMPT, parameters=parameters).result_rows[0][0])
+        return int(client.query(_ROWS_OF_ATTEMPT, parameters=parameters, settings=settings).result_rows[0][0])
 
 
 def new_attempt_id() -> str:

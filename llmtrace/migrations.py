@@ -15,6 +15,7 @@ from alembic.config import Config
 from sqlalchemy import Connection, Engine
 
 from llmtrace.errors import MigrationError
+from llmtrace.topology import Topology, configured
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # In a checkout (or an editable install) the scripts are the repository's alembic/; a built wheel carries
@@ -37,33 +38,57 @@ def script_location() -> Path:
     )
 
 
-def alembic_config(connection: Connection | None = None) -> Config:
-    """Return the Alembic configuration of llmtrace's migrations, optionally bound to a live connection."""
+def alembic_config(connection: Connection | None = None, *, topology: Topology | str | None = None) -> Config:
+    """Return the Alembic configuration of llmtrace's migrations, optionally bound to a live connection.
+
+    Args:
+        connection: A connection for the migrations to run on (else alembic/env.py opens the configured URL).
+        topology: The deployment topology to render the migrations for (see :mod:`llmtrace.topology`); ``None``
+            falls back to ``LLMTRACE_TOPOLOGY``, then to detection on the connection.
+
+    Raises:
+        ConfigurationError: ``topology`` is not one of the accepted forms.
+    """
     config = Config()
     config.set_main_option("script_location", str(script_location()))
     if connection is not None:
         config.attributes["connection"] = connection
+    if topology is not None:
+        config.attributes["topology"] = configured(topology, source="topology")
     return config
 
 
-def upgrade(bind: Engine | Connection, revision: str = "head") -> None:
-    """Apply migrations up to ``revision`` (default: the newest) on ``bind``."""
-    _run(bind, lambda config: command.upgrade(config, revision))
+def upgrade(bind: Engine | Connection, revision: str = "head", *, topology: Topology | str | None = None) -> None:
+    """Apply migrations up to ``revision`` (default: the newest) on ``bind``.
+
+    Args:
+        bind: The engine or connection of the database to migrate.
+        revision: The revision to stop at.
+        topology: ``"single"``, ``"cluster:<name>"``, ``"replicated"`` or ``"cloud"`` (or a
+            :class:`~llmtrace.topology.Topology`); ``None`` uses ``LLMTRACE_TOPOLOGY``, else detects it.
+
+    Raises:
+        ConfigurationError: The topology is malformed, cannot apply to ``bind``, or cannot be detected.
+    """
+    _run(bind, lambda config: command.upgrade(config, revision), topology)
 
 
-def downgrade(bind: Engine | Connection, revision: str) -> None:
-    """Revert migrations down to ``revision`` (``"base"`` removes llmtrace's tables) on ``bind``."""
-    _run(bind, lambda config: command.downgrade(config, revision))
+def downgrade(bind: Engine | Connection, revision: str, *, topology: Topology | str | None = None) -> None:
+    """Revert migrations down to ``revision`` (``"base"`` removes llmtrace's tables) on ``bind``.
+
+    ``topology`` is as for :func:`upgrade`; a migrated database states its own, so it is rarely needed.
+    """
+    _run(bind, lambda config: command.downgrade(config, revision), topology)
 
 
-def check(bind: Engine | Connection) -> None:
+def check(bind: Engine | Connection, *, topology: Topology | str | None = None) -> None:
     """Raise if the database schema differs from :class:`llmtrace.LLMTraceRecord` (``alembic check``)."""
-    _run(bind, command.check)
+    _run(bind, command.check, topology)
 
 
-def _run(bind: Engine | Connection, action: Callable[[Config], object]) -> None:
+def _run(bind: Engine | Connection, action: Callable[[Config], object], topology: Topology | str | None) -> None:
     if isinstance(bind, Engine):
         with bind.connect() as connection:
-            action(alembic_config(connection))
+            action(alembic_config(connection, topology=topology))
     else:
-        action(alembic_config(bind))
+        action(alembic_config(bind, topology=topology))

@@ -13,12 +13,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, delete, func, select
+from sqlalchemy import Engine, func, select
 from tqdm import tqdm
 
-from llmtrace.alter_delete import AlterTableDelete
+from llmtrace.alter_delete import delete_statement
 from llmtrace.conversion import trace_from_row
-from llmtrace.engine import driver_client
+from llmtrace.engine import driver_client, is_embedded
 from llmtrace.errors import DatabaseError, TraceNotFound, database_errors
 from llmtrace.filters import OrganizationScope, TraceFilter, require_organization
 from llmtrace.ingest import TraceInput, require_current_schema, validate_traces, validated_batches, write_batch
@@ -26,6 +26,7 @@ from llmtrace.model import LLMTrace
 from llmtrace.pagination import Position, TracePage, decode_cursor, encode_cursor
 from llmtrace.record import TABLE_NAME, TRACES_TABLE
 from llmtrace.stored_lookup import StoredTraces
+from llmtrace.topology import SINGLE, Topology, configured, deployed, require_embeddable
 from llmtrace.usage import UsageRow, usage_row, usage_statement, validate_grouping
 
 TABLE = TRACES_TABLE
@@ -43,11 +44,22 @@ class TraceRepository:
 
     Args:
         engine: An engine from :func:`llmtrace.get_engine` whose database has been migrated.
+        topology: The deployment (``"single"``, ``"cluster:<name>"``, ``"replicated"``, ``"cloud"``, or a
+            :class:`~llmtrace.topology.Topology`). ``None`` uses ``LLMTRACE_TOPOLOGY``, else the topology the
+            database's table was deployed with. It decides where inserts and deletes go and how stored traces
+            are looked up (:mod:`llmtrace.topology`).
+
+    Raises:
+        ConfigurationError: ``topology`` (or ``LLMTRACE_TOPOLOGY``) is malformed, or is not ``single`` for an
+            embedded engine.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, topology: Topology | str | None = None) -> None:
         self.engine = engine
         self._schema_checked = False  # whether the table has been seen to be migrated far enough to write
+        self._topology = configured(topology, source="topology")
+        if self._topology is not None and is_embedded(engine):
+            require_embeddable(self._topology)
 
     @property
     def destination(self) -> str:
@@ -127,7 +139,7 @@ class TraceRepository:
         bar = tqdm(total=total, disable=not progress, unit="trace", desc="writing traces")
         with bar, database_errors("opening a connection to write traces"), self.engine.connect() as connection:
             client = driver_client(connection)
-            stored = StoredTraces(client)
+            stored = StoredTraces.for_topology(client, self._deployment(client), embedded=is_embedded(self.engine))
             if not self._schema_checked:
                 require_current_schema(client)
                 self._schema_checked = True
@@ -315,17 +327,32 @@ class TraceRepository:
         trace_filter = TraceFilter(organization_id=organization_id, agent_id=agent_id, run_id=run_id, until=before)
         counting = trace_filter.apply(select(func.count()).select_from(TABLE))
         with database_errors("deleting traces"), self.engine.connect() as connection:
+            topology = self._deployment(driver_client(connection))
             matching = int(connection.execute(counting).scalar_one())
-            if matching and erase:
-                erasing = AlterTableDelete(TABLE, *trace_filter.clauses())
-                connection.execute(erasing, execution_options={"settings": {"mutations_sync": 2}})
-            elif matching:
-                masking = delete(TABLE).where(*trace_filter.clauses())
-                connection.execute(masking.execution_options(settings={"mutations_sync": 2}))
+            if matching:
+                # On a cluster: the local table, ON CLUSTER (a Distributed table has nothing to delete).
+                removing = delete_statement(TABLE, trace_filter.clauses(), erase=erase, topology=topology)
+                connection.execute(removing, execution_options={"settings": {"mutations_sync": 2}})
             remaining = int(connection.execute(counting).scalar_one())
         if remaining:
             raise DatabaseError(f"{remaining} matching trace(s) are still present after the delete; retry it.")
         return matching
+
+    # -- deployment ---------------------------------------------------------------------------------------
+
+    def _deployment(self, client: Any) -> Topology:
+        """The topology writes and deletes follow: the one set, else the one the table was deployed with.
+
+        Read from the server once (the embedded engine is always single); before the table exists there is
+        nothing to find out, and nothing to write to either.
+        """
+        if self._topology is None:
+            # Inside the caller's error mapping, which words a failure after what the caller was doing.
+            found = SINGLE if is_embedded(self.engine) else deployed(client)
+            if found is None:
+                return SINGLE
+            self._topology = found
+        return self._topology
 
 
 def _filter(organization_id: object, filters: Mapping[str, Any], *, method: str) -> TraceFilter:

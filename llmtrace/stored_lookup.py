@@ -17,20 +17,30 @@ earliest ``created_at`` and its range of organizations) asks whether any stored 
 when none can, which is the case for a service that writes its traces as they happen, the lookup is skipped.
 Parts whose newest trace is older than the batch are skipped by their min/max ``created_at`` unread.
 
-Temporary tables live in a session. Where the server cannot keep one (a load balancer without sticky sessions
-sends the next request to a server that never saw it), the lookup falls back to queries that name at most
-``LITERAL_CHUNK`` identities each, logging a warning once per ``add_many`` call.
+How the keys reach ClickHouse depends on where it runs. On a server they travel with the query itself, as
+ClickHouse's "external data" (a table sent in the same HTTP request, in ``JSONCompactColumns``): nothing depends
+on a session, which a load balancer in front of ClickHouse Cloud or a cluster does not keep on one server. The
+embedded engine has no external data, and its session always lives in this process, so there the keys go into
+a temporary table of the connection's session. On a cluster, ``llm_traces`` is a Distributed table: the
+semi-join is a ``GLOBAL IN``, so that the keys are read once where the query starts and shipped to every shard
+(a plain ``IN`` would look for the keys' table on each shard).
+
+Where the server answers the staged query with an error (it cannot keep a temporary table, or refuses the
+external data), the lookup falls back to queries that name at most ``LITERAL_CHUNK`` identities each, logging a
+warning once per ``add_many`` call.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from llmtrace.model import CLICKHOUSE_COLUMNS
 from llmtrace.record import TABLE_NAME
+from llmtrace.topology import Topology
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +54,29 @@ _CREATE_STAGING = (
     f"CREATE TEMPORARY TABLE IF NOT EXISTS {STAGING_TABLE} "
     "(organization_id String, agent_id String, created_at DateTime64(6, 'UTC')) ENGINE = Memory"
 )
+# The keys as external data: created_at as microseconds (what DateTime64(6) stores), converted in the query.
+EXTERNAL_FORMAT = "JSONCompactColumns"
+EXTERNAL_STRUCTURE = "organization_id String, agent_id String, created_at Int64"
 _SELECT_KEYS = "SELECT organization_id, agent_id, toUnixTimestamp64Micro(created_at), id"
-_SEMI_JOIN = (
-    f"{_SELECT_KEYS} FROM {TABLE_NAME} WHERE ({', '.join(STAGED_COLUMNS)}) "
-    f"IN (SELECT {', '.join(STAGED_COLUMNS)} FROM {STAGING_TABLE})"
-)
+
+
+def semi_join(source: str, *, distributed: bool = False, micros: bool = False) -> str:
+    """The query for the stored rows whose sort key is among the keys in the table ``source``.
+
+    Args:
+        source: The table (or table expression) holding the keys.
+        distributed: ``llm_traces`` is a Distributed table: ship the keys to the shards (``GLOBAL IN``).
+        micros: ``source`` holds ``created_at`` as microseconds since the epoch (the external data) rather than
+            as a DateTime64(6).
+    """
+    created_at = "fromUnixTimestamp64Micro(created_at, 'UTC')" if micros else "created_at"
+    return (
+        f"{_SELECT_KEYS} FROM {TABLE_NAME} WHERE ({', '.join(STAGED_COLUMNS)}) {'GLOBAL IN' if distributed else 'IN'} "
+        f"(SELECT organization_id, agent_id, {created_at} FROM {source})"
+    )
+
+
+_SEMI_JOIN = semi_join(STAGING_TABLE)
 _BY_IDENTITY = f"{_SELECT_KEYS} FROM {TABLE_NAME} WHERE (organization_id, id) IN %(identities)s"
 _PROBE = (
     f"SELECT 1 FROM {TABLE_NAME} WHERE created_at >= fromUnixTimestamp64Micro(%(earliest)s, 'UTC') "
@@ -83,24 +111,60 @@ class BatchKeys:
         return set(zip(self.organization_id, self.agent_id, self.created_at, self.id, strict=True))
 
 
+def external_keys_data(keys: BatchKeys) -> bytes:
+    """The batch's sort keys in :data:`EXTERNAL_FORMAT`, for :data:`EXTERNAL_STRUCTURE` (JSON escapes every value)."""
+    columns = [keys.organization_id, keys.agent_id, keys.created_at]
+    return json.dumps(columns, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 class StoredTraces:
     """Looks up stored copies of batches' traces over one connection (one staging table per session).
 
     Args:
         client: The clickhouse-connect client of the connection that will also write the batches.
-        staging: Send keys through the temporary table (the default); ``False`` uses the chunked fallback.
+        staging: Send keys as data (the default); ``False`` uses the chunked fallback.
+        external_data: Send the keys with each query as external data (servers) rather than through a temporary
+            table of the session (the embedded engine, which has no external data).
+        distributed: ``llm_traces`` is a Distributed table (the cluster topology).
+        read_settings: Settings of every query here, and of the write path's other reads (see
+            :meth:`llmtrace.topology.Topology.read_settings`).
     """
 
-    def __init__(self, client: Any, *, staging: bool = True) -> None:
+    def __init__(
+        self,
+        client: Any,
+        *,
+        staging: bool = True,
+        external_data: bool = False,
+        distributed: bool = False,
+        read_settings: Mapping[str, Any] | None = None,
+    ) -> None:
         self._client = client
         self._staging = staging
         self._staging_created = False
+        self._external_data = external_data
+        self._distributed = distributed
+        self.read_settings: dict[str, Any] = dict(read_settings or {})
+
+    @classmethod
+    def for_topology(cls, client: Any, topology: Topology, *, embedded: bool) -> StoredTraces:
+        """The lookup for a connection to a deployment of ``topology`` (``embedded``: the embedded engine's)."""
+        return cls(
+            client,
+            external_data=not embedded,
+            distributed=topology.distributed,
+            read_settings=topology.read_settings(),
+        )
 
     def identities(self, keys: BatchKeys) -> set[Identity]:
         """The ``(organization_id, id)`` of the batch's traces that the table holds with the same sort key."""
         if not keys.id or not self.may_hold_copies(keys):
             return set()
-        return {(organization, trace_id) for organization, _, _, trace_id in self._rows(keys, keys.keys())}
+        return {(organization, trace_id) for organization, _, _, trace_id in self.stored_keys(keys)}
+
+    def stored_keys(self, keys: BatchKeys) -> set[StoredKey]:
+        """The batch's keys (sort key and id) that stored rows have, asked without the probe."""
+        return self._rows(keys, keys.keys())
 
     def may_hold_copies(self, keys: BatchKeys) -> bool:
         """Whether any stored row could be a copy of one of the batch's traces (see the module docs)."""
@@ -109,19 +173,31 @@ class StoredTraces:
             "first": min(keys.organization_id),
             "last": max(keys.organization_id),
         }
-        return bool(self._client.query(_PROBE, parameters=parameters).result_rows)
+        return bool(self._client.query(_PROBE, parameters=parameters, settings=self.read_settings).result_rows)
 
     def _rows(self, keys: BatchKeys, wanted: set[StoredKey]) -> set[StoredKey]:
         if self._staging:
             try:
-                return self._through_staging_table(keys) & wanted
+                staged = self._through_external_data(keys) if self._external_data else self._through_staging_table(keys)
+                return staged & wanted
             except _driver_errors() as exc:
                 if getattr(exc, "code", None) is None:
                     raise  # not the server's answer (a transport failure): the caller's error mapping handles it
-                # The server answered, but cannot keep a temporary table for this session.
-                logger.warning("llmtrace: temporary tables are unavailable (%s); looking up ids in chunks", exc)
+                # The server answered, but refuses the keys as data (no temporary table for this session, or no
+                # external data through whatever stands in front of it).
+                how = "external data is" if self._external_data else "temporary tables are"
+                logger.warning("llmtrace: %s unavailable (%s); looking up ids in chunks", how, exc)
                 self._staging = False
         return self._through_chunks(keys.identities()) & wanted
+
+    def _through_external_data(self, keys: BatchKeys) -> set[StoredKey]:
+        from clickhouse_connect.driver.external import ExternalData
+
+        data = ExternalData(
+            file_name=STAGING_TABLE, data=external_keys_data(keys), fmt=EXTERNAL_FORMAT, structure=EXTERNAL_STRUCTURE
+        )
+        query = semi_join(STAGING_TABLE, distributed=self._distributed, micros=True)
+        return _as_keys(self._client.query(query, external_data=data, settings=self.read_settings).result_rows)
 
     def _through_staging_table(self, keys: BatchKeys) -> set[StoredKey]:
         if not self._staging_created:
@@ -130,13 +206,14 @@ class StoredTraces:
         self._client.command(f"TRUNCATE TABLE {STAGING_TABLE}")
         columns = [keys.organization_id, keys.agent_id, keys.created_at]
         self._client.insert(STAGING_TABLE, columns, column_names=list(STAGED_COLUMNS), column_oriented=True)
-        return _as_keys(self._client.query(_SEMI_JOIN).result_rows)
+        return _as_keys(self._client.query(_SEMI_JOIN, settings=self.read_settings).result_rows)
 
     def _through_chunks(self, identities: list[Identity]) -> set[StoredKey]:
         found: set[StoredKey] = set()
         for chunk in _chunks(sorted(set(identities)), LITERAL_CHUNK):
             # The driver binds (escapes) the values; no user value is formatted into SQL here.
-            found |= _as_keys(self._client.query(_BY_IDENTITY, parameters={"identities": chunk}).result_rows)
+            answer = self._client.query(_BY_IDENTITY, parameters={"identities": chunk}, settings=self.read_settings)
+            found |= _as_keys(answer.result_rows)
         return found
 
 

@@ -120,8 +120,8 @@ def fault_server(
             module docs); otherwise fail from the first request.
         error: The ClickHouse exception sent for :attr:`Fault.CLICKHOUSE_ERROR`.
         garbage: The body sent for :attr:`Fault.GARBAGE`.
-        requests: If given, every request the server reads is appended to it: its URL parameters, and its SQL
-            under ``"sql"``.
+        requests: If given, every request the server reads is appended to it: its URL parameters, its SQL
+            under ``"sql"`` and its body under ``"body"``.
     """
     # Held for the whole context: while it is bound, no other socket can take the port, so a refusing port stays
     # refusing. SO_REUSEPORT lets the listener share the port with it (Linux: the same user only).
@@ -273,7 +273,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         params = {name: values[-1] for name, values in parse_qs(urlsplit(self.path).query).items()}
         query = params.get("query") or body.decode(errors="replace")
         if self.server.requests is not None:
-            self.server.requests.append({**params, "sql": query})
+            self.server.requests.append({**params, "sql": query, "body": body.decode(errors="replace")})
         if self.server.after_handshake:
             answer = _handshake_answer(query, params)
             if answer is not None:

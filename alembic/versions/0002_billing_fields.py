@@ -13,18 +13,19 @@ written (or merged) afterwards store the column. Plan type and cost source take 
 are ``LowCardinality``; a customer id is as distinct as the organization ids, so it is a plain ``String``.
 
 Written out literally rather than importing llmtrace.record: a migration is a fixed point in the schema's
-history.
+history (llmtrace.ddl only renders it for the deployment topology).
 """
 
 from collections.abc import Sequence
 
-from alembic import op
+from llmtrace.ddl import migration_ddl, run
 
 revision: str = "0002"
 down_revision: str | None = "0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+TABLE = "llm_traces"
 # In order, each placed after the one before: the platform's clickhouse_columns() lists them before created_at.
 COLUMNS = (
     ("billing_plan_type", "LowCardinality(String)", "llm_config_json"),
@@ -34,11 +35,13 @@ COLUMNS = (
 
 
 def upgrade() -> None:
-    additions = ", ".join(
-        f"ADD COLUMN IF NOT EXISTS {name} {type_} DEFAULT '' AFTER {after}" for name, type_, after in COLUMNS
+    run(
+        migration_ddl().add_columns(
+            TABLE,
+            [f"ADD COLUMN IF NOT EXISTS {name} {type_} DEFAULT '' AFTER {after}" for name, type_, after in COLUMNS],
+        )
     )
-    op.execute(f"ALTER TABLE llm_traces {additions}")
 
 
 def downgrade() -> None:
-    op.execute("ALTER TABLE llm_traces " + ", ".join(f"DROP COLUMN IF EXISTS {name}" for name, _, _ in COLUMNS))
+    run(migration_ddl().drop_columns(TABLE, [f"DROP COLUMN IF EXISTS {name}" for name, _, _ in COLUMNS]))
