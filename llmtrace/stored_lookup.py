@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 Identity = tuple[str, str]
 STAGING_TABLE = "llmtrace_batch_keys"
+# After a probe that could not rule out copies, the lookups of this many following batches skip the probe.
+PROBE_PAUSE = 7
 # Identities per query of the fallback: ~1,000 UUID pairs are ~60 KB of SQL, well under the default 256 KiB.
 LITERAL_CHUNK = 1_000
 
@@ -70,9 +72,13 @@ def semi_join(source: str, *, distributed: bool = False, micros: bool = False) -
             as a DateTime64(6).
     """
     created_at = "fromUnixTimestamp64Micro(created_at, 'UTC')" if micros else "created_at"
+    in_ = "GLOBAL IN" if distributed else "IN"
+    # The sort-key condition lets the primary key skip granules; the PREWHERE on created_at alone, an 8-byte
+    # column, drops almost every row of the granules left before the three-column tuples are hashed (a batch
+    # scattered over the table's history falls into most granules: measured 2x faster there).
     return (
-        f"{_SELECT_KEYS} FROM {TABLE_NAME} WHERE ({', '.join(STAGED_COLUMNS)}) {'GLOBAL IN' if distributed else 'IN'} "
-        f"(SELECT organization_id, agent_id, {created_at} FROM {source})"
+        f"{_SELECT_KEYS} FROM {TABLE_NAME} PREWHERE created_at {in_} (SELECT {created_at} FROM {source}) "
+        f"WHERE ({', '.join(STAGED_COLUMNS)}) {in_} (SELECT organization_id, agent_id, {created_at} FROM {source})"
     )
 
 
@@ -142,6 +148,7 @@ class StoredTraces:
         self._client = client
         self._staging = staging
         self._staging_created = False
+        self._unprobed = 0  # batches left to look up without probing first
         self._external_data = external_data
         self._distributed = distributed
         self.read_settings: dict[str, Any] = dict(read_settings or {})
@@ -158,7 +165,15 @@ class StoredTraces:
 
     def identities(self, keys: BatchKeys) -> set[Identity]:
         """The ``(organization_id, id)`` of the batch's traces that the table holds with the same sort key."""
-        if not keys.id or not self.may_hold_copies(keys):
+        if not keys.id:
+            return set()
+        if self._unprobed:
+            self._unprobed -= 1
+        elif self.may_hold_copies(keys):
+            # Batches that may overlap the table come in runs (a backfill): the next few go straight to the
+            # lookup, whose answer the probe would not change, and the probe is tried again after them.
+            self._unprobed = PROBE_PAUSE
+        else:
             return set()
         return {(organization, trace_id) for organization, _, _, trace_id in self.stored_keys(keys)}
 

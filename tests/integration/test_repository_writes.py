@@ -20,7 +20,7 @@ from llmtrace import LLMTrace, SchemaNotMigratedError, TraceRepository, TraceVal
 from llmtrace.engine import driver_client
 from llmtrace.migrations import downgrade, upgrade
 from llmtrace.model import insert_column_data
-from llmtrace.stored_lookup import STAGING_TABLE, BatchKeys, StoredTraces
+from llmtrace.stored_lookup import PROBE_PAUSE, STAGING_TABLE, BatchKeys, StoredTraces
 from llmtrace.synthetic import synthetic_traces
 from tests.factories import BASE_TIME, make_trace
 from tests.strategies import llm_traces
@@ -477,3 +477,15 @@ def test_a_session_that_loses_the_staging_table_falls_back_to_chunks(
                 assert stored.identities(BatchKeys.from_columns(insert_column_data(batch))) == expected
     warnings = [record.getMessage() for record in caplog.records]
     assert len(warnings) == 1 and "temporary tables are unavailable" in warnings[0]
+
+
+def test_batches_after_an_overlapping_one_are_looked_up_without_the_probe(
+    repository: TraceRepository, migrated_engine: Engine
+) -> None:
+    # After the probe finds possible copies, the next PROBE_PAUSE batches go straight to the lookup: whatever
+    # the batches hold, the counts must stay exact, on both sides of the pause.
+    repository.add_many([make_trace(i) for i in range(0, 240, 2)])
+    batches = 12  # more than one pause
+    assert batches - 1 > PROBE_PAUSE
+    assert repository.add_many([make_trace(i) for i in range(360)], batch_size=30) == 360 - 120
+    assert stored_rows(migrated_engine) == 360
