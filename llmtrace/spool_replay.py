@@ -15,15 +15,17 @@ What cannot be stored is set aside, never dropped and never retried forever:
 - items the current model rejects (a field from a newer version, a negative count, not an object) are
   quarantined with the model's message; the other traces of their record are replayed;
 - a record ClickHouse rejects with a permanent error (e.g. a constraint) is retried on later passes, and
-  quarantined on its third rejection provided other inserts to the same destination succeeded since its
-  first: otherwise the destination itself is what fails (a missing table, a read-only user), and the record
-  waits. Before quarantining, the record is split in halves, recursively, so that only the traces ClickHouse
+  quarantined once it has been rejected on three passes at least ``interval`` apart, provided other inserts
+  to the same destination succeeded since its first rejection: otherwise the destination itself is what
+  fails (a read-only user, say), and the record waits. A missing table never counts against a record.
+  Before quarantining, the record is split in halves, recursively, so that only the traces ClickHouse
   rejects on their own are set aside.
 
-A transient failure (the server unreachable, overloaded, timing out) ends the pass; the next one starts
-``interval`` seconds later, or as soon as the writer's next live write succeeds. A permanent failure moves
-on to the next record and file, so one bad record blocks nothing behind it; three failed groups in a row
-end the pass early, so that a destination that fails everything costs three attempts per interval.
+A transient failure (the server unreachable, overloaded, timing out), or a missing table, ends the pass;
+the next one starts ``interval`` seconds later, or as soon as the writer's next live write succeeds. A
+permanent failure moves on to the next record and file, so one bad record blocks nothing behind it; three
+failed groups in a row end the pass early, so that a destination that fails everything costs three
+attempts per interval.
 
 Passes also run every ``interval`` seconds while the writer is healthy, so that files other processes left
 (dead, or alive and rotating) are replayed by running writers, not only at start-up.
@@ -38,7 +40,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from llmtrace.errors import DatabaseError
+from llmtrace.errors import DatabaseError, SchemaNotMigratedError
 from llmtrace.model import LLMTrace
 from llmtrace.repository import TraceRepository
 from llmtrace.spool import ClaimedFile, NotClaimable, Quarantine, claim, scan
@@ -69,6 +71,7 @@ class _TransientFailureError(Exception):
 class _Strikes:
     count: int
     inserts_at_first: int
+    last: float
 
 
 @dataclass
@@ -132,8 +135,9 @@ class SpoolReplayer:
         self._healthy = False  # whether the last write to the destination (live or replay) succeeded
         self._inserts = 0  # inserts that stored traces, live or replayed: evidence the destination works
         self._strikes: dict[tuple[str, int, str], _Strikes] = {}
-        # Records quarantined, or found unreadable, in files that are still in the spool (a file is kept
-        # when another of its records waits): a later pass must not set them aside a second time.
+        # Records stored or quarantined, and stretches found unreadable, in files still in the spool (a file
+        # is kept while one of its records waits): a later pass skips them rather than storing them again
+        # or setting them aside twice.
         self._settled: set[tuple[str, int, str]] = set()
         self._warned: set[str] = set()
 
@@ -290,7 +294,8 @@ class SpoolReplayer:
             error = self._try_store(traces)
             if error is None:
                 self._failed_groups = 0
-                current.traces += len(traces)
+                for record, part in group:
+                    self._stored(current, record, len(part))
                 return _Step.GO_ON
             # A record of the group is rejected: find which, storing the others. (A group of one record is
             # that record.)
@@ -299,7 +304,7 @@ class SpoolReplayer:
                 record_error = self._try_store(part) if len(group) > 1 else error
                 if record_error is None:
                     any_stored = True
-                    current.traces += len(part)
+                    self._stored(current, record, len(part))
                 else:
                     self._strike(current, record, part, record_error)
         except _TransientFailureError:
@@ -319,8 +324,13 @@ class SpoolReplayer:
             _TransientFailureError: A write made while splitting the record failed transiently.
         """
         key = self._key(current, record.offset, "record")
-        strikes = self._strikes.setdefault(key, _Strikes(0, self._inserts))
-        strikes.count += 1
+        now = time.monotonic()
+        strikes = self._strikes.setdefault(key, _Strikes(0, self._inserts, now - self.interval))
+        # Rejections count at most once per interval: passes come sooner after live writes succeed, and a
+        # record should keep being rejected for a while, not over a burst of passes, before it is set aside.
+        if now - strikes.last >= self.interval:
+            strikes.count += 1
+            strikes.last = now
         if strikes.count < POISON_STRIKES or self._inserts == strikes.inserts_at_first:
             current.complete = False
             self._report(
@@ -348,6 +358,7 @@ class SpoolReplayer:
             if half_error is not None:
                 self._split_and_quarantine(current, record, half, half_error)
             else:
+                self.replayed += len(half)
                 current.traces += len(half)
 
     def _try_store(self, traces: list[LLMTrace]) -> DatabaseError | None:
@@ -360,7 +371,8 @@ class SpoolReplayer:
             stored = self.repository.add_many(traces, batch_size=self.batch_size)
         except DatabaseError as exc:
             self._healthy = False
-            if exc.transient:
+            # A missing table is the destination's problem, whatever the records: wait for it like an outage.
+            if exc.transient or isinstance(exc, SchemaNotMigratedError):
                 self._report("replay_failed", 0, "replay failed; will retry later", exc)
                 raise _TransientFailureError from exc
             return exc
@@ -373,12 +385,16 @@ class SpoolReplayer:
             self._report("error", 0, "unexpected error while replaying; will retry later", exc)
             raise _TransientFailureError from exc
         self._healthy = True
-        self.replayed += len(traces)
         if stored:
             self._inserts += 1
         return None
 
     # -- the quarantine -----------------------------------------------------------------------------------
+
+    def _stored(self, current: _OpenFile, record: Record, count: int) -> None:
+        self.replayed += count
+        current.traces += count
+        self._settle(current, self._key(current, record.offset, "record"))
 
     def _key(self, current: _OpenFile, offset: int, part: str) -> tuple[str, int, str]:
         return (current.claimed.path.name, offset, part)

@@ -312,8 +312,9 @@ class TraceWriter:
         record: tuple[int, list[LLMTrace]] | None = None
         with self._lock:
             self._check_accepting()
-            self._counts["submitted"] += 1
+            # Counted once it has a place: a submit waiting for room (the lock released) is nowhere yet.
             action = self._make_room(wait) if self._depth >= self.max_queue else "queue"
+            self._counts["submitted"] += 1
             if action == "queue":
                 self._append(snapshot)
             elif action == "spool":
@@ -338,14 +339,12 @@ class TraceWriter:
                 lambda: self._depth < self.max_queue or self._closing or self._stopped is not None, timeout=wait
             )
             if not has_room:
-                self._counts["submitted"] -= 1
                 raise WriterQueueFull(
                     f"The trace writer's buffer ({self.max_queue:,} traces) stayed full for {wait} s: ClickHouse "
                     "is slower than the submit rate or unavailable. Raise max_queue or submit_timeout, or use "
                     "overflow='spool' (needs spool_dir) or a drop policy."
                 )
             if self._closing or self._stopped is not None:
-                self._counts["submitted"] -= 1
                 if self._stopped is None:
                     raise WriterClosed("This TraceWriter closed while submit() waited for room.")
                 self._check_accepting()

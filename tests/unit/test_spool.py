@@ -175,6 +175,7 @@ def test_version_1_files_are_still_read(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("data", "ours"),
     [(b"", False), (b"hello, I am someone else's file", False), (encode_file_header(DESTINATION)[:-3], True)],
+    ids=["empty", "foreign", "damaged header"],
 )
 def test_files_that_do_not_start_with_a_header_are_told_apart(tmp_path: Path, data: bytes, ours: bool) -> None:
     path = tmp_path / "x.spool"
