@@ -829,9 +829,12 @@ class TraceWriter:
 def _snapshot(trace: LLMTrace | Mapping[str, Any]) -> LLMTrace:
     """The writer's own copy of a submitted trace: later changes by the caller cannot reach it."""
     if isinstance(trace, LLMTrace):
-        # Every field but agent_tags holds an immutable value, so a shallow copy with its own list suffices
-        # (about 3 microseconds, against 30 for a deep copy).
-        return trace.model_copy(update={"agent_tags": [*trace.agent_tags]})
+        # Every field but agent_tags holds an immutable value, so a shallow copy with its own list suffices:
+        # 2 to 3 microseconds, against 5 for model_copy(update=...) and 30 for a deep copy. The list is put in
+        # __dict__ directly, as the model's own validator does, since assigning would validate the copy again.
+        snapshot = trace.model_copy()
+        snapshot.__dict__["agent_tags"] = [*trace.agent_tags]
+        return snapshot
     if isinstance(trace, Mapping):
         return LLMTrace.model_validate(trace)  # validation builds new objects, lists included
     raise TypeError(f"submit() takes an LLMTrace or a mapping, got {type(trace).__name__}")
