@@ -51,6 +51,8 @@ TEMPORARY_SUFFIX = ".spool.tmp"
 QUARANTINE_DIRECTORY = "quarantine"
 QUARANTINE_FILE = "quarantine.jsonl"
 DEFAULT_MAX_FILE_BYTES = 64 * 1024 * 1024
+# Spool files hold whole requests and responses: readable by their owner only.
+FILE_MODE = 0o600
 # A temporary file older than this, and unlocked, was left by a process that died while creating it; it holds
 # only a header (records are appended after the rename), so removing it loses nothing.
 STALE_TEMPORARY_SECONDS = 600.0
@@ -157,7 +159,7 @@ class Spool:
         name = f"{time.time_ns() // 1_000_000:013d}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         temporary = self.directory / f".{name}{TEMPORARY_SUFFIX}"
         final = self.directory / f"{name}{SUFFIX}"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
         try:
             # Locked before the final name exists: a replayer can never hold a file its writer still fills.
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -386,7 +388,7 @@ class Quarantine:
         """
         line = json.dumps({"quarantined_at": datetime.now(UTC).isoformat(), **entry}) + "\n"
         self.directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             _write_all(fd, line.encode())
@@ -426,7 +428,7 @@ class Quarantine:
         """
         self.directory.mkdir(parents=True, exist_ok=True)
         target = self.directory / f"{source.path.stem}-{start}.bin"
-        with open(target, "wb") as out:
+        with open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE), "wb") as out:
             source.handle.seek(start)
             remaining = end - start
             while remaining > 0:

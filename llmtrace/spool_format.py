@@ -47,6 +47,7 @@ FORMAT_VERSION = 2
 # Resynchronisation reads this much at a time while it looks for the next frame.
 _SCAN_CHUNK = 1 << 20
 _TRACES: TypeAdapter[list[LLMTrace]] = TypeAdapter(list[LLMTrace])
+_CUT_SHORT = ("incomplete frame header", "record cut short")
 
 
 @dataclass(frozen=True)
@@ -93,11 +94,17 @@ class Record:
 
 @dataclass(frozen=True)
 class BadSpan:
-    """Bytes ``[offset, end)`` of a file that hold no readable frame, and why (the first problem found)."""
+    """Bytes ``[offset, end)`` of a file that hold no readable frame, and why (the first problem found).
+
+    Attributes:
+        torn_tail: The span is the end of the file and starts with a frame cut short: what a process killed
+            in the middle of an append leaves (damage elsewhere, or a bad checksum, is not a torn tail).
+    """
 
     offset: int
     end: int
     reason: str
+    torn_tail: bool = False
 
 
 class NotASpoolFile(ValueError):  # noqa: N818 (a reason, as raised by read_file_header)
@@ -172,7 +179,8 @@ def read_records(handle: IO[bytes], header: FileHeader, start: int) -> Iterator[
         found = _frame_at(handle, position, size, header.version)
         if isinstance(found, str):
             resume = _next_frame(handle, position + 1, size, header.version)
-            yield BadSpan(position, resume, found)
+            torn = resume == size and found.startswith(_CUT_SHORT)
+            yield BadSpan(position, resume, found, torn_tail=torn)
             position = resume
             continue
         end = position + _frame_size(header.version) + len(found)

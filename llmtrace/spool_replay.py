@@ -101,7 +101,8 @@ class SpoolReplayer:
     Attributes:
         replayed: Traces from spool files now stored (including ones found already stored).
         quarantined: Traces set aside because the model or ClickHouse rejects them.
-        unreadable: Stretches of spool files (or whole records) that held no readable traces, set aside as bytes.
+        unreadable: Damaged stretches of spool files (or whole records) that held no readable traces, set aside
+            as bytes. Torn tails (a writer killed mid-append) are set aside too, but not counted here.
     """
 
     def __init__(
@@ -273,7 +274,7 @@ class SpoolReplayer:
         size = 0
         for item in current.records:
             if isinstance(item, BadSpan):
-                self._set_aside_bytes(current, item.offset, item.end, item.reason)
+                self._set_aside_bytes(current, item.offset, item.end, item.reason, torn_tail=item.torn_tail)
             elif item.body_problem is not None:
                 self._set_aside_bytes(current, item.offset, item.end, item.body_problem)
             else:
@@ -404,16 +405,24 @@ class SpoolReplayer:
         self._settled.add(key)
         current.settled_keys.append(key)
 
-    def _set_aside_bytes(self, current: _OpenFile, start: int, end: int, reason: str) -> None:
+    def _set_aside_bytes(
+        self, current: _OpenFile, start: int, end: int, reason: str, *, torn_tail: bool = False
+    ) -> None:
         key = self._key(current, start, "bytes")
         if key in self._settled:
             return
         source = current.claimed.path
         entry = {"destination": self.destination, "source": source.name, "offset": start, "reason": reason}
-        if self._quarantine(current, lambda: self.quarantine.add_bytes(current.claimed, start, end, entry)):
+        if not self._quarantine(current, lambda: self.quarantine.add_bytes(current.claimed, start, end, entry)):
+            return
+        self._settle(current, key)
+        message = f"{reason}: bytes {start}-{end} of {source} moved to the quarantine"
+        if torn_tail:
+            # A writer killed while appending: that append never returned, so nothing acknowledged is in it.
+            self._report("torn_tail", 0, f"{message} (its writer stopped in the middle of an append)", None)
+        else:
             self.unreadable += 1
-            self._settle(current, key)
-            self._report("unreadable", 0, f"{reason}: bytes {start}-{end} of {source} moved to the quarantine", None)
+            self._report("unreadable", 0, message, None)
 
     def _set_aside_items(self, current: _OpenFile, record: Record) -> None:
         key = self._key(current, record.offset, "items")

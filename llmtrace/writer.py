@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llmtrace import exit_hook
-from llmtrace.errors import DatabaseError, LLMTraceError
+from llmtrace.errors import ConfigurationError, DatabaseError, LLMTraceError
 from llmtrace.model import LLMTrace
 from llmtrace.repository import TraceRepository
 from llmtrace.spool import DEFAULT_MAX_FILE_BYTES, Spool
@@ -101,8 +101,9 @@ class WriterStats:
         replayed: Traces from spool files (this writer's or others' of the same destination) now stored.
         quarantined: Traces from spool files set aside in ``spool_dir/quarantine`` because the model or
             ClickHouse rejects them.
-        unreadable: Damaged stretches of spool files (a torn or corrupt record; how many traces they held is
-            unknown) set aside as raw bytes in ``spool_dir/quarantine``.
+        unreadable: Damaged stretches of spool files (a corrupt record; how many traces they held is unknown)
+            set aside as raw bytes in ``spool_dir/quarantine``. The torn last record a writer killed mid-append
+            leaves is set aside too, but not counted: that append never returned.
         errors: Problems no other counter covers: unexpected errors (each logged with its traceback) and
             spool I/O errors.
         last_error: The most recent error, or ``None``.
@@ -148,6 +149,8 @@ class WriterEvent:
     - ``"replay_failed"``: replay could not store spooled traces; they stay in the spool for a later pass;
     - ``"quarantined"``: spooled traces the model or ClickHouse rejects were set aside;
     - ``"unreadable"``: damaged bytes of a spool file were set aside;
+    - ``"torn_tail"``: a spool file ends in a record its writer did not finish (it was killed while
+      appending; that append never returned, so nothing it acknowledged is lost); the bytes were set aside;
     - ``"foreign_file"`` / ``"legacy_file"``: a ``*.spool`` path that is not a spool file (left alone), or a
       version 1 file (replayed, though it does not say which database it belongs to);
     - ``"error"``: anything unexpected (the message says what the writer was doing).
@@ -241,7 +244,13 @@ class TraceWriter:
         self._replayer: SpoolReplayer | None = None
         self._spool_lock = threading.Lock()  # never held while taking self._lock
         if spool_dir is not None:
-            self._spool = Spool(spool_dir, destination=repository.destination, max_file_bytes=max_spool_file_bytes)
+            try:
+                self._spool = Spool(spool_dir, destination=repository.destination, max_file_bytes=max_spool_file_bytes)
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"spool_dir {os.fspath(spool_dir)!r} cannot be used: {exc.strerror or exc}. Give a directory this "
+                    "process can create and write to, or spool_dir=None to go without a spool."
+                ) from exc
             self._replayer = SpoolReplayer(
                 Path(spool_dir),
                 repository,
@@ -608,24 +617,27 @@ class TraceWriter:
             return False
         # Not classified (a driver error that escaped the repository's mapping, or a bug): logged with its
         # traceback once per batch, and retried, since a connection problem is the likelier cause.
-        self._emit(WriterEvent("error", 0, "unexpected error writing a batch; retrying it", exc), exc_info=exc)
+        if first:
+            self._emit(WriterEvent("error", 0, "unexpected error writing a batch; retrying it", exc), exc_info=exc)
         return True
 
     def _written(self, batch: _Batch, stored: int) -> None:
         if self._replayer is not None:
             self._replayer.note_write(ok=True, stored=stored)
         with self._lock:
-            if batch.state == "taken":
-                logger.warning(
-                    "llmtrace: a stalled write of %d traces that close() had given up on (and spooled) succeeded "
-                    "after all; they are counted as spooled, and replay will find them stored",
-                    len(batch.traces),
-                )
-                return
-            self._settle(batch, "written")
-            replay = self._spooled_since_success
-            self._spooled_since_success = False
-        if replay and self._replayer is not None:
+            late = batch.state == "taken"
+            if not late:
+                self._settle(batch, "written")
+            replay = self._spooled_since_success and not late
+            if replay:
+                self._spooled_since_success = False
+        if late:
+            logger.warning(
+                "llmtrace: a stalled write of %d traces that close() had given up on (and spooled) succeeded "
+                "after all; they are counted as spooled, and replay will find them stored",
+                len(batch.traces),
+            )
+        elif replay and self._replayer is not None:
             self._replayer.request()  # the database answers again: replay what was spooled meanwhile
 
     def _abandon(self, batch: _Batch, error: BaseException) -> None:

@@ -24,6 +24,7 @@ from sqlalchemy import Engine, text
 
 from llmtrace import (
     AsyncTraceWriter,
+    ConfigurationError,
     DatabaseError,
     LLMTrace,
     TraceRepository,
@@ -191,8 +192,8 @@ def test_spool_with_a_torn_final_record(migrated_engine: Engine, tmp_path: Path)
     with TraceWriter(repository, spool_dir=tmp_path, on_error=events.append) as writer:
         wait_until(lambda: not path.exists())
     assert stored(migrated_engine) == (20, 20)
-    assert writer.stats.replayed == 20 and writer.stats.unreadable == 1
-    (torn,) = [event for event in events if event.kind == "unreadable"]
+    assert writer.stats.replayed == 20 and writer.stats.unreadable == 0  # a torn tail is not damage
+    (torn,) = [event for event in events if event.kind == "torn_tail"]
     assert "record cut short" in torn.message and str(path) in torn.message
 
 
@@ -439,6 +440,15 @@ def test_submit_errors(migrated_engine: Engine) -> None:
 def test_bad_options(migrated_engine: Engine, options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         TraceWriter(TraceRepository(migrated_engine), **options)
+
+
+def test_a_spool_dir_that_cannot_be_used_is_refused_at_once(migrated_engine: Engine, tmp_path: Path) -> None:
+    taken = tmp_path / "a-file"
+    taken.write_text("not a directory")
+    with pytest.raises(ConfigurationError, match=r"spool_dir '.*a-file' cannot be used: .*Give a directory"):
+        TraceWriter(TraceRepository(migrated_engine), spool_dir=taken)
+    with pytest.raises(ValueError, match="max_spool_file_bytes must be at least 1, got 0"):
+        TraceWriter(TraceRepository(migrated_engine), spool_dir=tmp_path, max_spool_file_bytes=0)
 
 
 EXITING_SCRIPT = """

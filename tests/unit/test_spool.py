@@ -86,7 +86,7 @@ def test_a_torn_last_record_is_reported_and_skipped(tmp_path: Path, cut: int, re
     *records, torn = read_back(path)
     assert [record.traces for record in records if isinstance(record, Record)] == BATCHES[:2]
     assert isinstance(torn, BadSpan) and torn.offset == offsets[-1] and torn.end == path.stat().st_size
-    assert torn.reason.startswith(reason)
+    assert torn.reason.startswith(reason) and torn.torn_tail
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -105,7 +105,7 @@ def test_one_flipped_bit_costs_only_its_own_record(tmp_path: Path, victim: int, 
     good = [item.traces for item in items if isinstance(item, Record)]
     assert good == batches[:victim] + batches[victim + 1 :]
     (bad,) = [item for item in items if isinstance(item, BadSpan)]
-    assert (bad.offset, bad.end) == (offsets[victim], end)
+    assert (bad.offset, bad.end) == (offsets[victim], end) and not bad.torn_tail
 
 
 def test_garbage_between_records_is_one_bad_span(tmp_path: Path) -> None:
