@@ -14,10 +14,13 @@ fsynced. A replayer can therefore only ever see a file that is complete and alre
 it cannot claim a file in the instant between its creation and its lock. The writer keeps the lock until
 it rotates the file (closes it; files rotate at ``max_file_bytes``) or dies, when the kernel releases it.
 
-Claiming (the replaying process). A replayer opens a ``*.spool`` path, takes the exclusive lock without
-waiting (a file still held is skipped), and then checks that the path still names the inode it locked: if
-another replayer finished the file and removed it in between, the path is gone or names another file, and
-this one is skipped. A claimed file is replayed, then removed (while still locked) and the directory fsynced.
+Claiming (the replaying process). A replayer opens a ``*.spool`` path and reads its header (complete since
+publication) to skip other destinations' files without locking them. It then takes the exclusive lock
+without waiting (a file still held is skipped) and checks that the path still names the inode it locked:
+if another replayer finished the file and removed it in between, the path is gone or names another file,
+and this one is skipped. A claimed file is replayed, then removed (while still locked) and the directory
+fsynced. A ``*.spool`` path that is not a spool file (a directory, someone else's file) is never touched;
+a spool file whose header is damaged, so whose destination is unknown, is moved whole into the quarantine.
 
 Several processes, and several destinations, can share one directory: each replays only files whose header
 names its own destination (version 1 files, which carry none, are replayed by whichever writer claims them).
@@ -39,10 +42,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from llmtrace.model import LLMTrace
-from llmtrace.spool_format import FileHeader, NotASpoolFile, encode_file_header, encode_record, read_file_header
+from llmtrace.spool_format import (
+    FileHeader,
+    NotASpoolFile,
+    encode_file_header,
+    encode_record,
+    read_at,
+    read_file_header,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +95,7 @@ class Spool:
         self._size = 0
         self._traces = 0
         self._unsynced = False
+        self._created = 0.0
         self._vanished = 0
 
     @property
@@ -96,6 +107,11 @@ class Spool:
     def current_traces(self) -> int:
         """Traces appended to the current file."""
         return self._traces
+
+    @property
+    def current_age(self) -> float:
+        """Seconds since the current file was created (0 when there is none)."""
+        return time.monotonic() - self._created if self._fd is not None else 0.0
 
     def append(self, traces: Sequence[LLMTrace], *, sync: bool = True) -> None:
         """Append one batch as one record.
@@ -173,6 +189,7 @@ class Spool:
             temporary.unlink(missing_ok=True)
             raise
         self._fd, self._path, self._size, self._traces, self._unsynced = fd, final, len(header), 0, False
+        self._created = time.monotonic()
 
     def _still_published(self) -> bool:
         """Whether the current file still has its name (someone may have removed it, or the whole directory)."""
@@ -207,13 +224,13 @@ class ClaimedFile:
 
     Attributes:
         path: The file's path.
-        handle: The open file; its lock is released when it is closed.
+        fd: The open file descriptor (read with ``pread``); its lock is released when it is closed.
         header: What the file says about itself.
         records_start: Offset of the first record.
     """
 
     path: Path
-    handle: IO[bytes]
+    fd: int
     header: FileHeader
     records_start: int
 
@@ -227,7 +244,9 @@ class ClaimedFile:
 
     def release(self) -> None:
         """Release the lock, leaving the file for a later replay."""
-        self.handle.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def scan(directory: Path, *, skip: Path | None = None) -> list[Path]:
@@ -308,36 +327,36 @@ def claim(path: Path, *, destination: str) -> ClaimedFile | None:
         OSError: The file could not be opened or locked for another reason.
     """
     try:
-        handle = open(path, "rb", buffering=256 * 1024)  # noqa: SIM115 (the caller closes it, releasing the lock)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except IsADirectoryError:
         raise NotClaimable("a directory, not a spool file", kind="foreign") from None
     try:
-        opened = os.fstat(handle.fileno())
+        opened = os.fstat(fd)
         if not stat.S_ISREG(opened.st_mode):
             raise NotClaimable("not a regular file", kind="foreign")
         try:
-            header, start = read_file_header(handle)
+            header, start = read_file_header(fd)
         except NotASpoolFile as exc:
             kind = "empty" if opened.st_size == 0 else "damaged" if exc.ours else "foreign"
             raise NotClaimable(str(exc), kind=kind) from None
         if header.destination not in (destination, None):
-            handle.close()
+            os.close(fd)
             return None
         try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EACCES):
-                handle.close()
+                os.close(fd)
                 return None  # its writer is still appending, or another replayer has it
             raise
         if not names_inode(path, opened):
-            handle.close()
+            os.close(fd)
             return None  # replayed and removed by someone else between our open and our lock
-        return ClaimedFile(path, handle, header, start)
+        return ClaimedFile(path, fd, header, start)
     except BaseException:
-        handle.close()
+        os.close(fd)
         raise
 
 
@@ -429,20 +448,14 @@ class Quarantine:
         self.directory.mkdir(parents=True, exist_ok=True)
         target = self.directory / f"{source.path.stem}-{start}.bin"
         with open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE), "wb") as out:
-            source.handle.seek(start)
-            remaining = end - start
-            while remaining > 0:
-                chunk = source.handle.read(min(remaining, 1 << 20))
+            position = start
+            while position < end:
+                chunk = read_at(source.fd, position, min(end - position, 1 << 20))
                 if not chunk:
                     break
                 out.write(chunk)
-                remaining -= len(chunk)
+                position += len(chunk)
             out.flush()
             os.fsync(out.fileno())
-        preview = base64.b64encode(_read_at(source.handle, start, min(end - start, 48))).decode()
+        preview = base64.b64encode(read_at(source.fd, start, min(end - start, 48))).decode()
         self.add({**entry, "bytes_file": target.name, "length": end - start, "first_bytes_base64": preview})
-
-
-def _read_at(handle: IO[bytes], offset: int, length: int) -> bytes:
-    handle.seek(offset)
-    return handle.read(length)

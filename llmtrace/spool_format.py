@@ -32,7 +32,7 @@ import struct
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -138,8 +138,8 @@ def _frame(magic: bytes, body: bytes) -> bytes:
     return start + struct.pack(">I", zlib.crc32(start)) + body
 
 
-def read_file_header(handle: IO[bytes]) -> tuple[FileHeader, int]:
-    """Read the header at the start of an open spool file.
+def read_file_header(fd: int) -> tuple[FileHeader, int]:
+    """Read the header at the start of an open spool file (a file descriptor: reads never move its offset).
 
     Returns:
         The header and the offset of the first record.
@@ -147,15 +147,14 @@ def read_file_header(handle: IO[bytes]) -> tuple[FileHeader, int]:
     Raises:
         NotASpoolFile: The file is empty, or starts with something else than a spool header.
     """
-    handle.seek(0)
-    start = handle.read(FRAME.size)
+    start = read_at(fd, 0, FRAME.size)
     if start[:4] == LEGACY_MAGIC:
         return FileHeader(version=1, destination=None), 0
     if len(start) == 0:
         raise NotASpoolFile("empty file")
     if start[:4] != FILE_MAGIC:
         raise NotASpoolFile(f"does not start with a spool header (first bytes {start[:4]!r})")
-    body = _checked_body(handle, 0, start, _file_size(handle), FILE_MAGIC)
+    body = _checked_body(fd, 0, start, os.fstat(fd).st_size, FILE_MAGIC)
     if isinstance(body, str):
         raise NotASpoolFile(f"damaged spool header: {body}", ours=True)
     try:
@@ -167,18 +166,19 @@ def read_file_header(handle: IO[bytes]) -> tuple[FileHeader, int]:
         raise NotASpoolFile(f"unreadable spool header: {exc}", ours=True) from exc
 
 
-def read_records(handle: IO[bytes], header: FileHeader, start: int) -> Iterator[Record | BadSpan]:
+def read_records(fd: int, header: FileHeader, start: int) -> Iterator[Record | BadSpan]:
     """Yield every record of an open spool file from ``start``, and a :class:`BadSpan` for each damaged stretch.
 
-    Memory is bounded by the largest record. The file must not grow while it is read (spool files are only
-    read once their writer has let go of them).
+    Memory is bounded by the largest record. Reads are positioned (``pread``), so other readers of the same
+    descriptor (the quarantine copying a damaged stretch) do not disturb this one. The file must not grow
+    while it is read (spool files are only read once their writer has let go of them).
     """
-    size = _file_size(handle)
+    size = os.fstat(fd).st_size
     position = start
     while position < size:
-        found = _frame_at(handle, position, size, header.version)
+        found = _frame_at(fd, position, size, header.version)
         if isinstance(found, str):
-            resume = _next_frame(handle, position + 1, size, header.version)
+            resume = _next_frame(fd, position + 1, size, header.version)
             torn = resume == size and found.startswith(_CUT_SHORT)
             yield BadSpan(position, resume, found, torn_tail=torn)
             position = resume
@@ -186,6 +186,19 @@ def read_records(handle: IO[bytes], header: FileHeader, start: int) -> Iterator[
         end = position + _frame_size(header.version) + len(found)
         yield _decode_record(found, header.version, position, end)
         position = end
+
+
+def read_at(fd: int, offset: int, length: int) -> bytes:
+    """Up to ``length`` bytes at ``offset`` (fewer only at the end of the file)."""
+    parts = []
+    while length > 0:
+        part = os.pread(fd, length, offset)
+        if not part:
+            break
+        parts.append(part)
+        offset += len(part)
+        length -= len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _decode_record(body: bytes, version: int, offset: int, end: int) -> Record:
@@ -231,15 +244,14 @@ def _frame_size(version: int) -> int:
     return FRAME.size if version == FORMAT_VERSION else LEGACY_FRAME.size
 
 
-def _frame_at(handle: IO[bytes], position: int, size: int, version: int) -> bytes | str:
+def _frame_at(fd: int, position: int, size: int, version: int) -> bytes | str:
     """The body of the valid record frame at ``position``, or why there is none."""
-    handle.seek(position)
-    start = handle.read(_frame_size(version))
+    start = read_at(fd, position, _frame_size(version))
     magic = RECORD_MAGIC if version == FORMAT_VERSION else LEGACY_MAGIC
-    return _checked_body(handle, position, start, size, magic)
+    return _checked_body(fd, position, start, size, magic)
 
 
-def _checked_body(handle: IO[bytes], position: int, start: bytes, size: int, magic: bytes) -> bytes | str:
+def _checked_body(fd: int, position: int, start: bytes, size: int, magic: bytes) -> bytes | str:
     legacy = magic == LEGACY_MAGIC
     frame = LEGACY_FRAME if legacy else FRAME
     if len(start) < frame.size:
@@ -255,7 +267,7 @@ def _checked_body(handle: IO[bytes], position: int, start: bytes, size: int, mag
     available = size - position - frame.size
     if length > available:
         return f"record cut short ({available} of {length} bytes)"
-    body = handle.read(length)
+    body = read_at(fd, position + frame.size, length)
     if len(body) < length:
         return f"record cut short ({len(body)} of {length} bytes)"
     if zlib.crc32(body) != checksum:
@@ -263,21 +275,16 @@ def _checked_body(handle: IO[bytes], position: int, start: bytes, size: int, mag
     return body
 
 
-def _next_frame(handle: IO[bytes], position: int, size: int, version: int) -> int:
+def _next_frame(fd: int, position: int, size: int, version: int) -> int:
     """Offset of the first valid record frame at or after ``position`` (``size`` when there is none)."""
     magic = RECORD_MAGIC if version == FORMAT_VERSION else LEGACY_MAGIC
     while position < size:
-        handle.seek(position)
-        chunk = handle.read(_SCAN_CHUNK)
+        chunk = read_at(fd, position, _SCAN_CHUNK)
         found = chunk.find(magic)
         while found != -1:
-            if not isinstance(_frame_at(handle, position + found, size, version), str):
+            if not isinstance(_frame_at(fd, position + found, size, version), str):
                 return position + found
             found = chunk.find(magic, found + 1)
         # The last bytes may hold the start of a magic that the next chunk completes.
         position += max(1, len(chunk) - len(magic) + 1)
     return size
-
-
-def _file_size(handle: IO[bytes]) -> int:
-    return os.fstat(handle.fileno()).st_size

@@ -259,6 +259,7 @@ class TraceWriter:
                 report=self._report_replay,
                 own_file=self._own_spool_file,
                 rotate_own=self._rotate_spool,
+                idle=self._idle,
             )
 
         self._lock = threading.Lock()
@@ -791,10 +792,14 @@ class TraceWriter:
             with self._spool_lock:
                 self._spool.rotate()
 
-    def _own_spool_file(self) -> tuple[Path | None, int]:
+    def _own_spool_file(self) -> tuple[Path | None, int, float]:
         assert self._spool is not None
         with self._spool_lock:
-            return self._spool.current_path, self._spool.current_traces
+            return self._spool.current_path, self._spool.current_traces, self._spool.current_age
+
+    def _idle(self) -> bool:
+        with self._lock:
+            return not self._sealed and not self._open and not self._overflow
 
     # -- problems -----------------------------------------------------------------------------------------
 

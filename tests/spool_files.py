@@ -16,8 +16,8 @@ def spooled_traces(directory: Path) -> list[LLMTrace]:
     found: list[LLMTrace] = []
     for path in sorted(directory.glob(f"*{SUFFIX}")):
         with open(path, "rb") as handle:
-            header, start = read_file_header(handle)
-            for item in read_records(handle, header, start):
+            header, start = read_file_header(handle.fileno())
+            for item in read_records(handle.fileno(), header, start):
                 if isinstance(item, Record):
                     found.extend(item.traces)
     return found

@@ -108,6 +108,24 @@ def test_empty_foreign_and_directory_paths_named_spool(migrated_engine: Engine, 
     assert quarantine_entries(tmp_path) == []
 
 
+def test_a_spool_file_with_a_damaged_header_is_moved_whole_to_the_quarantine(
+    migrated_engine: Engine, tmp_path: Path
+) -> None:
+    repository = TraceRepository(migrated_engine)
+    damaged = spool_file(tmp_path, repository.destination, [traces(10)])
+    data = bytearray(damaged.read_bytes())
+    data[20] ^= 0xFF  # inside the header's JSON: its destination can no longer be trusted
+    damaged.write_bytes(bytes(data))
+    good = spool_file(tmp_path, repository.destination, [traces(10, 10)])
+
+    with TraceWriter(repository, spool_dir=tmp_path) as writer:
+        wait_until(lambda: not good.exists() and not damaged.exists())
+    assert stored_ids(migrated_engine) == ids(traces(10, 10)) and writer.stats.unreadable == 1
+    assert (tmp_path / QUARANTINE_DIRECTORY / damaged.name).read_bytes() == bytes(data)
+    (entry,) = quarantine_entries(tmp_path)
+    assert entry["moved_to"] == damaged.name and "damaged spool header" in entry["reason"]
+
+
 def test_a_record_clickhouse_keeps_rejecting_is_split_and_quarantined_without_blocking_others(
     migrated_engine: Engine, tmp_path: Path
 ) -> None:

@@ -50,8 +50,8 @@ def write_file(path: Path, batches: list[list[LLMTrace]], *, destination: str = 
 
 def read_back(path: Path) -> list[Record | BadSpan]:
     with open(path, "rb") as handle:
-        header, start = read_file_header(handle)
-        return list(read_records(handle, header, start))
+        header, start = read_file_header(handle.fileno())
+        return list(read_records(handle.fileno(), header, start))
 
 
 def record_body(body: bytes) -> bytes:
@@ -70,7 +70,7 @@ def test_complete_records_read_back_equal(tmp_path: Path) -> None:
 def test_the_header_says_where_the_traces_belong(tmp_path: Path) -> None:
     write_file(tmp_path / "a.spool", BATCHES, destination="analytics.llm_traces")
     with open(tmp_path / "a.spool", "rb") as handle:
-        header, start = read_file_header(handle)
+        header, start = read_file_header(handle.fileno())
     assert (header.version, header.destination, header.pid) == (2, "analytics.llm_traces", os.getpid())
     assert start == len(encode_file_header("analytics.llm_traces"))
 
@@ -165,8 +165,8 @@ def test_version_1_files_are_still_read(tmp_path: Path) -> None:
     data[len(legacy_record(BATCHES[0])) + 20] ^= 0xFF  # damage the second record
     path.write_bytes(bytes(data))
     with open(path, "rb") as handle:
-        header, start = read_file_header(handle)
-        items = list(read_records(handle, header, start))
+        header, start = read_file_header(handle.fileno())
+        items = list(read_records(handle.fileno(), header, start))
     assert (header.version, header.destination, start) == (1, None, 0)
     assert [item.traces for item in items if isinstance(item, Record)] == [BATCHES[0], BATCHES[2]]
     assert [item.reason for item in items if isinstance(item, BadSpan)] == ["checksum mismatch"]
@@ -181,7 +181,7 @@ def test_files_that_do_not_start_with_a_header_are_told_apart(tmp_path: Path, da
     path = tmp_path / "x.spool"
     path.write_bytes(data)
     with open(path, "rb") as handle, pytest.raises(NotASpoolFile) as raised:
-        read_file_header(handle)
+        read_file_header(handle.fileno())
     assert raised.value.ours is ours
 
 
@@ -210,7 +210,7 @@ def test_appends_go_to_one_locked_file_until_it_is_rotated(tmp_path: Path) -> No
     spool.rotate()
     claimed = claim(path, destination=DESTINATION)
     assert claimed is not None
-    assert [item.traces for item in read_records(claimed.handle, claimed.header, claimed.records_start)] == BATCHES[:2]
+    assert [item.traces for item in read_records(claimed.fd, claimed.header, claimed.records_start)] == BATCHES[:2]
     claimed.remove()
     assert scan(tmp_path) == []
 
@@ -344,7 +344,7 @@ def test_a_claimer_never_takes_a_file_its_writer_still_fills(fast_directory: Pat
                     continue
                 ids = [
                     trace.id
-                    for item in read_records(claimed.handle, claimed.header, claimed.records_start)
+                    for item in read_records(claimed.fd, claimed.header, claimed.records_start)
                     if isinstance(item, Record)
                     for trace in item.traces
                 ]
