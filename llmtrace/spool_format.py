@@ -30,7 +30,7 @@ import json
 import os
 import struct
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,7 +166,7 @@ def read_file_header(fd: int) -> tuple[FileHeader, int]:
         raise NotASpoolFile(f"unreadable spool header: {exc}", ours=True) from exc
 
 
-def read_records(fd: int, header: FileHeader, start: int) -> Iterator[Record | BadSpan]:
+def read_records(fd: int, header: FileHeader, start: int) -> Generator[Record | BadSpan, None, None]:
     """Yield every record of an open spool file from ``start``, and a :class:`BadSpan` for each damaged stretch.
 
     Memory is bounded by the largest record. Reads are positioned (``pread``), so other readers of the same
