@@ -303,8 +303,9 @@ class NotClaimable(Exception):  # noqa: N818 (a reason, not a failure)
 
     Attributes:
         kind: ``"foreign"`` (a directory, or a file that is not a spool file: left exactly as it is),
-            ``"empty"`` (a file with no bytes, hence no traces) or ``"damaged"`` (a spool file whose header
-            cannot be read, so whose destination is unknown).
+            ``"empty"`` (a file with no bytes, hence no traces), ``"damaged"`` (a spool file whose header
+            cannot be read, so whose destination is unknown) or ``"elsewhere"`` (a spool file of another
+            destination, never locked by this claimer).
     """
 
     def __init__(self, reason: str, *, kind: str) -> None:
@@ -319,11 +320,10 @@ def claim(path: Path, *, destination: str) -> ClaimedFile | None:
     other destinations are never locked, and never delay the writers that replay them.
 
     Returns:
-        The claimed file; ``None`` when the file belongs to another destination, another process holds it,
-        or it is gone.
+        The claimed file; ``None`` when another process holds it, or it is gone.
 
     Raises:
-        NotClaimable: The path is not a readable spool file.
+        NotClaimable: The path is not a readable spool file, or a spool file of another destination.
         OSError: The file could not be opened or locked for another reason.
     """
     try:
@@ -342,8 +342,7 @@ def claim(path: Path, *, destination: str) -> ClaimedFile | None:
             kind = "empty" if opened.st_size == 0 else "damaged" if exc.ours else "foreign"
             raise NotClaimable(str(exc), kind=kind) from None
         if header.destination not in (destination, None):
-            os.close(fd)
-            return None
+            raise NotClaimable(f"a spool file of {header.destination}", kind="elsewhere")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

@@ -186,6 +186,9 @@ class SpoolReplayer:
         # or setting them aside twice.
         self._settled: set[tuple[str, int, str]] = set()
         self._warned: set[str] = set()
+        # Files of other destinations sharing the directory: names are never reused and a file's header never
+        # changes, so each is opened once, not on every pass.
+        self._elsewhere: set[str] = set()
 
     # -- scheduling ---------------------------------------------------------------------------------------
 
@@ -258,6 +261,8 @@ class SpoolReplayer:
             self._rotate_own()
             candidates = scan(self.directory)
         current = {path.name for path in candidates}
+        self._elsewhere &= current
+        candidates = [path for path in candidates if path.name not in self._elsewhere]
         self._warned &= current
         self._strikes = {key: strikes for key, strikes in self._strikes.items() if key[0] in current}
         self._settled = {key for key in self._settled if key[0] in current}
@@ -302,7 +307,9 @@ class SpoolReplayer:
         return _OpenFile(claimed, _GroupReader(claimed, self.batch_size))
 
     def _not_claimable(self, path: Path, problem: NotClaimable) -> None:
-        if problem.kind == "empty":
+        if problem.kind == "elsewhere":
+            self._elsewhere.add(path.name)
+        elif problem.kind == "empty":
             path.unlink(missing_ok=True)  # no bytes, hence no traces (a version 1 writer died creating it)
             logger.info("llmtrace: removed empty spool file %s", path)
         elif problem.kind == "damaged":

@@ -165,9 +165,13 @@ class WriterEvent:
 _SERIOUS = frozenset({"failed", "dropped", "spool_lost", "quarantined", "unreadable", "error"})
 
 
+# A submitted trace as the writer holds it: see _freeze.
+_Frozen = dict[str, Any]
+
+
 @dataclass(eq=False)
 class _Batch:
-    traces: list[LLMTrace]
+    traces: list[_Frozen]
     # "writing": add_many (or its retries) in progress; "spooling": the thread is spooling it; "taken": close()
     # gave up on the thread and spooled it itself; "settled": counted.
     state: str = "writing"
@@ -268,13 +272,13 @@ class TraceWriter:
         self._progress = threading.Condition(self._lock)
         # Full batches wait in _sealed; the batch being filled is _open. Taking a batch is O(1), which keeps
         # the lock hold times, and so submit()'s latency, short.
-        self._sealed: deque[list[LLMTrace]] = deque()
-        self._open: list[LLMTrace] = []
+        self._sealed: deque[list[_Frozen]] = deque()
+        self._open: list[_Frozen] = []
         self._open_since = 0.0
         self._depth = 0
         self._in_flight: _Batch | None = None
         self._in_transit = 0  # traces taken out of memory on their way to the spool, outside the lock
-        self._overflow: list[LLMTrace] = []
+        self._overflow: list[_Frozen] = []
         self._overflow_since = 0.0
         # flush() waits for two lanes: the buffer, settled in order (counters suffice), and overflow records,
         # which callers write concurrently (so each record gets a ticket, and the lane is done up to the
@@ -317,9 +321,9 @@ class TraceWriter:
             WriterStopped: The writer's thread stopped on an unexpected error (raised at once).
             WriterClosed: The writer is closing or closed.
         """
-        snapshot = _snapshot(trace)
+        snapshot = _freeze(trace)
         wait = self.submit_timeout if timeout == -1.0 else timeout
-        record: tuple[int, list[LLMTrace]] | None = None
+        record: tuple[int, list[_Frozen]] | None = None
         with self._lock:
             self._check_accepting()
             # Counted once it has a place: a submit waiting for room (the lock released) is nowhere yet.
@@ -373,7 +377,7 @@ class TraceWriter:
         self._settled += 1
         return "queue"
 
-    def _append(self, trace: LLMTrace) -> None:
+    def _append(self, trace: _Frozen) -> None:
         if not self._open:
             self._open_since = time.monotonic()
         self._open.append(trace)
@@ -386,7 +390,7 @@ class TraceWriter:
         elif len(self._open) == 1:
             self._wake_writer.notify()  # starts the flush_interval clock
 
-    def _add_overflow(self, trace: LLMTrace) -> tuple[int, list[LLMTrace]] | None:
+    def _add_overflow(self, trace: _Frozen) -> tuple[int, list[_Frozen]] | None:
         """Collect an overflowing trace; return a full (or old enough) record to write now (lock held)."""
         now = time.monotonic()
         if not self._overflow:
@@ -397,18 +401,18 @@ class TraceWriter:
             return self._take_overflow()
         return None
 
-    def _take_overflow(self) -> tuple[int, list[LLMTrace]]:
+    def _take_overflow(self) -> tuple[int, list[_Frozen]]:
         """Take the collected overflow traces as one record, with its ticket (lock held)."""
         traces, self._overflow = self._overflow, []
         self._tickets_issued += 1
         self._in_transit += len(traces)
         return self._tickets_issued, traces
 
-    def _write_overflow(self, record: tuple[int, list[LLMTrace]]) -> None:
+    def _write_overflow(self, record: tuple[int, list[_Frozen]]) -> None:
         """Write an overflow record to the spool, on whichever thread took it; never raises."""
         ticket, traces = record
         # No fsync here: the writer's thread fsyncs after its current batch, so that a burst shares one fsync.
-        error = self._append_to_spool(traces, sync=False)
+        error = self._append_to_spool(_thaw_all(traces), sync=False)
         with self._lock:
             self._in_transit -= len(traces)
             self._count_spool_outcome(len(traces), error)
@@ -581,14 +585,15 @@ class TraceWriter:
             return bool(self._open) and time.monotonic() >= self._open_since + self.flush_interval
 
     def _write(self, batch: _Batch) -> None:
+        traces = _thaw_all(batch.traces)
         attempt = 0
         while True:
             try:
-                stored = self.repository.add_many(batch.traces, batch_size=len(batch.traces))
+                stored = self.repository.add_many(traces, batch_size=len(traces))
             except Exception as exc:
                 retry = self._note_failure(exc, first=attempt == 0)
                 if not retry or attempt >= self.max_retries or self._give_up.is_set():
-                    self._abandon(batch, exc)
+                    self._abandon(batch, exc, traces)
                     return
                 attempt += 1
                 delay = min(self.max_backoff, self.retry_backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
@@ -597,7 +602,7 @@ class TraceWriter:
                 message = f"write failed, retry {attempt} in {delay:.2f} s"
                 self._emit(WriterEvent("retry", len(batch.traces), message, exc))
                 if self._give_up.wait(delay):
-                    self._abandon(batch, exc)
+                    self._abandon(batch, exc, traces)
                     return
             else:
                 self._written(batch, stored)
@@ -641,7 +646,7 @@ class TraceWriter:
         elif replay and self._replayer is not None:
             self._replayer.request()  # the database answers again: replay what was spooled meanwhile
 
-    def _abandon(self, batch: _Batch, error: BaseException) -> None:
+    def _abandon(self, batch: _Batch, error: BaseException, traces: list[LLMTrace] | None = None) -> None:
         """Spool a batch that could not be written (or count it as failed)."""
         with self._lock:
             if batch.state != "writing":
@@ -653,7 +658,7 @@ class TraceWriter:
                 self._settle(batch, "failed")
             self._emit(WriterEvent("failed", count, "write failed and no spool_dir: traces lost", error))
             return
-        spool_error = self._append_to_spool(batch.traces, sync=True)
+        spool_error = self._append_to_spool(traces or _thaw_all(batch.traces), sync=True)
         with self._lock:
             self._settle(batch, "spooled" if spool_error is None else "failed")
         if spool_error is None:
@@ -717,7 +722,7 @@ class TraceWriter:
         if record is not None:
             self._write_overflow(record)
         if held:
-            error = self._append_to_spool(held, sync=True) if self._spool is not None else None
+            error = self._append_to_spool(_thaw_all(held), sync=True) if self._spool is not None else None
             with self._lock:
                 self._in_transit -= len(held)
                 self._settled += len(held)
@@ -843,18 +848,50 @@ class TraceWriter:
                 logger.exception("llmtrace: the on_error callback raised")
 
 
-def _snapshot(trace: LLMTrace | Mapping[str, Any]) -> LLMTrace:
-    """The writer's own copy of a submitted trace: later changes by the caller cannot reach it."""
+def _freeze(trace: LLMTrace | Mapping[str, Any]) -> _Frozen:
+    """The writer's own copy of a submitted trace: its field values, with ``agent_tags`` as a tuple.
+
+    Later changes by the caller cannot reach it: every value is immutable. That also lets the garbage
+    collector untrack it, so that a full buffer does not lengthen the collector's pauses, as copies of the
+    model did (a full buffer of model copies cost the writer a sixth of its throughput). And it is cheap:
+    about 1 microsecond, against 5 for ``model_copy``.
+    """
     if isinstance(trace, LLMTrace):
-        # Every field but agent_tags holds an immutable value, so a shallow copy with its own list suffices:
-        # 2 to 3 microseconds, against 5 for model_copy(update=...) and 30 for a deep copy. The list is put in
-        # __dict__ directly, as the model's own validator does, since assigning would validate the copy again.
-        snapshot = trace.model_copy()
-        snapshot.__dict__["agent_tags"] = [*trace.agent_tags]
-        return snapshot
-    if isinstance(trace, Mapping):
-        return LLMTrace.model_validate(trace)  # validation builds new objects, lists included
-    raise TypeError(f"submit() takes an LLMTrace or a mapping, got {type(trace).__name__}")
+        fields = trace.__dict__.copy()
+    elif isinstance(trace, Mapping):
+        fields = LLMTrace.model_validate(trace).__dict__
+    else:
+        raise TypeError(f"submit() takes an LLMTrace or a mapping, got {type(trace).__name__}")
+    fields["agent_tags"] = tuple(fields["agent_tags"])
+    return fields
+
+
+# Shared by every thawed trace: it names every field, so pydantic's only change to it (adding the name of a
+# field assigned to) can never alter it.
+_ALL_FIELDS = set(LLMTrace.model_fields)
+
+
+def _thaw(frozen: _Frozen) -> LLMTrace:
+    """An :class:`LLMTrace` with a frozen trace's values, restored as pickle does (its values were validated).
+
+    It takes over ``frozen`` as its ``__dict__`` (the writer thaws each batch once, and holds no other
+    reference to it that it reads again before the batch is settled): one allocation fewer per trace.
+    """
+    frozen["agent_tags"] = list(frozen["agent_tags"])
+    trace = LLMTrace.__new__(LLMTrace)
+    trace.__setstate__(
+        {
+            "__dict__": frozen,
+            "__pydantic_fields_set__": _ALL_FIELDS,
+            "__pydantic_extra__": None,
+            "__pydantic_private__": None,
+        }
+    )
+    return trace
+
+
+def _thaw_all(frozen: list[_Frozen]) -> list[LLMTrace]:
+    return [_thaw(fields) for fields in frozen]
 
 
 def _check_options(

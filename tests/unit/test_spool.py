@@ -253,7 +253,9 @@ def test_only_files_of_the_claimers_destination_are_claimed_and_others_are_not_e
     assert mine_path is not None and theirs_path is not None
     mine.rotate()
     theirs.rotate()
-    assert claim(theirs_path, destination=DESTINATION) is None
+    with pytest.raises(NotClaimable, match=r"a spool file of other\.llm_traces") as raised:
+        claim(theirs_path, destination=DESTINATION)
+    assert raised.value.kind == "elsewhere"
     claimed = claim(mine_path, destination=DESTINATION)
     assert claimed is not None and claimed.header.destination == DESTINATION
     claimed.release()
