@@ -878,7 +878,7 @@ def _thaw(frozen: _Frozen) -> LLMTrace:
     reference to it that it reads again before the batch is settled): one allocation fewer per trace.
     """
     frozen["agent_tags"] = list(frozen["agent_tags"])
-    trace = LLMTrace.__new__(LLMTrace)
+    trace = _new_trace(LLMTrace)
     trace.__setstate__(
         {
             "__dict__": frozen,
@@ -888,6 +888,9 @@ def _thaw(frozen: _Frozen) -> LLMTrace:
         }
     )
     return trace
+
+
+_new_trace = LLMTrace.__new__
 
 
 def _thaw_all(frozen: list[_Frozen]) -> list[LLMTrace]:
