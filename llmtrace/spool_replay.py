@@ -281,8 +281,8 @@ class SpoolReplayer:
         return traces >= self.batch_size or age >= self.interval or self._idle()
 
     def _end_pass(self) -> None:
+        # A request made during the pass stays: what was spooled since its scan gets a pass of its own.
         self._pending = None
-        self._requested = False
         self._next_pass_at = time.monotonic() + self.interval
 
     def _open(self, path: Path) -> _OpenFile | None:
