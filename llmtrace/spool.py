@@ -2,7 +2,8 @@
 
 Files (the format is in :mod:`llmtrace.spool_format`):
 
-- ``<time>-<pid>-<random>.spool``: batches for one destination (``database.table``, in the file header).
+- ``<time in ns>-<pid>-<random>.spool``: batches for one destination (``database.table``, in the file
+  header); names sort by age.
 - ``.<name>.spool.tmp``: a spool file being created; never read.
 - ``quarantine/quarantine.jsonl``: one JSON line per record or trace that replay set aside, with the reason;
   ``quarantine/*.bin`` hold raw bytes that could not be read at all. Nothing in ``quarantine/`` is deleted
@@ -172,7 +173,7 @@ class Spool:
 
     def _publish_new_file(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        name = f"{time.time_ns() // 1_000_000:013d}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        name = f"{time.time_ns():019d}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         temporary = self.directory / f".{name}{TEMPORARY_SUFFIX}"
         final = self.directory / f"{name}{SUFFIX}"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
@@ -269,9 +270,10 @@ def scan(directory: Path, *, skip: Path | None = None) -> list[Path]:
 
 
 def _age_key(path: Path) -> tuple[str, str]:
-    # Version 2 names start with a 13-digit millisecond time; other names (version 1) sort by modification time.
+    # Version 2 names start with their creation time in nanoseconds; other names (version 1) sort by their
+    # modification time, before them.
     stem = path.name.split("-", 1)[0]
-    if len(stem) == 13 and stem.isdigit():
+    if len(stem) == 19 and stem.isdigit():
         return ("1", path.name)
     try:
         return ("0", f"{path.stat().st_mtime:020.6f}")
