@@ -25,6 +25,7 @@ from sqlalchemy import Engine
 from llmtrace import TraceRepository, TraceWriter
 from llmtrace.spool import SUFFIX
 from tests.factories import make_trace
+from tests.spool_files import quarantine_entries
 from tests.writer_support import balanced, database_of, stored, stored_ids, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,6 +34,7 @@ APPENDER = """
 import os, random, sys, time
 from llmtrace.spool import Spool
 from tests.factories import make_trace
+from tests.spool_files import quarantine_entries
 directory, destination, start, count, seed = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
 rng = random.Random(seed)
 # Small files (a few dozen traces): kills also land while files are created, published and rotated.
@@ -148,6 +150,7 @@ import json, os, resource, shutil, signal, sys
 from pathlib import Path
 from llmtrace import TraceWriter, get_engine, TraceRepository
 from tests.factories import make_trace
+from tests.spool_files import quarantine_entries
 
 mode, disk, database, out = sys.argv[1], Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
 filler = disk / "filler"
@@ -228,7 +231,7 @@ def test_a_full_disk_is_survived_counted_and_recovered_from(migrated_engine: Eng
         wait_until(lambda: not list((out / "spool").glob(f"*{SUFFIX}")))
     # Exactly what the child counted as spooled is there: failed appends left nothing half-written behind.
     assert stored(migrated_engine) == (result["spooled"], result["spooled"])
-    assert writer.stats.unreadable == 0
+    assert writer.stats.unreadable == 0 and quarantine_entries(out / "spool") == []  # not even a torn tail
     submitted = result["submitted"]
     assert set(stored_ids(migrated_engine)) <= {make_trace(i).id for i in range(submitted)}
     after_recovery = {make_trace(i).id for i in range(submitted - 50, submitted)}

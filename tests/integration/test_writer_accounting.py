@@ -56,7 +56,7 @@ class TableFlapper:
     ("policy", "options"),
     [
         ("spool", {"overflow": "spool", "max_queue": 100}),
-        ("block", {"overflow": "block", "max_queue": 300, "submit_timeout": 0.05}),
+        ("block", {"overflow": "block", "max_queue": 100, "submit_timeout": 0.05}),
         ("drop_oldest", {"overflow": "drop_oldest", "max_queue": 200}),
     ],
 )
