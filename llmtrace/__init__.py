@@ -3,6 +3,7 @@
 The public API is what ``__all__`` lists; everything else may change between releases.
 """
 
+from llmtrace.async_writer import AsyncTraceWriter
 from llmtrace.conversion import record_to_trace, trace_from_row, trace_to_record
 from llmtrace.engine import DEFAULT_URL, ENV_VAR, get_engine, resolve_url
 from llmtrace.errors import (
@@ -22,7 +23,7 @@ from llmtrace.pagination import TracePage
 from llmtrace.record import SKIP_INDEXES, LLMTraceRecord
 from llmtrace.repository import TraceRepository
 from llmtrace.usage import UsageRow
-from llmtrace.writer import AsyncTraceWriter, TraceWriter, WriterClosed, WriterEvent, WriterQueueFull, WriterStats
+from llmtrace.writer import TraceWriter, WriterClosed, WriterEvent, WriterQueueFull, WriterStats, WriterStopped
 
 __all__ = [
     "ALL_ORGANIZATIONS",
@@ -49,6 +50,7 @@ __all__ = [
     "WriterEvent",
     "WriterQueueFull",
     "WriterStats",
+    "WriterStopped",
     "get_engine",
     "record_to_trace",
     "resolve_url",

@@ -1,169 +1,462 @@
-"""An append-only on-disk spool for batches of traces that could not be written to ClickHouse.
+"""The spool directory: where batches that could not be written to ClickHouse wait, and how files change hands.
 
-File format (``*.spool`` files in the spool directory), a sequence of records::
+Files (the format is in :mod:`llmtrace.spool_format`):
 
-    magic  b"LTS1"        4 bytes
-    length of payload     4 bytes, unsigned big-endian
-    CRC-32 of payload     4 bytes, unsigned big-endian
-    payload               JSON: {"traces": [<LLMTrace as JSON>, ...]}
+- ``<time in ns>-<pid>-<random>.spool``: batches for one destination (``database.table``, in the file
+  header); names sort by age.
+- ``.<name>.spool.tmp``: a spool file being created; never read.
+- ``quarantine/quarantine.jsonl``: one JSON line per record or trace that replay set aside, with the reason;
+  ``quarantine/*.bin`` hold raw bytes that could not be read at all. Nothing in ``quarantine/`` is deleted
+  or retried by llmtrace: it is for a person to look at.
 
-A crash can only tear the last record of a file, because records are only ever appended. A reader stops at
-the first record whose header is incomplete, whose length runs past the end of the file, or whose checksum
-does not match, and reports it; it never yields a partial batch. Each writer process appends to a file of
-its own, named with its pid and a random suffix, so two processes never share one.
+Publishing (the appending process). A file is created under a temporary name that no replayer looks at,
+locked (``flock``, exclusive), given its header, fsynced, renamed to its final name, and the directory is
+fsynced. A replayer can therefore only ever see a file that is complete and already locked by its writer;
+it cannot claim a file in the instant between its creation and its lock. The writer keeps the lock until
+it rotates the file (closes it; files rotate at ``max_file_bytes``) or dies, when the kernel releases it.
+
+Claiming (the replaying process). A replayer opens a ``*.spool`` path and reads its header (complete since
+publication) to skip other destinations' files without locking them. It then takes the exclusive lock
+without waiting (a file still held is skipped) and checks that the path still names the inode it locked:
+if another replayer finished the file and removed it in between, the path is gone or names another file,
+and this one is skipped. A claimed file is replayed, then removed (while still locked) and the directory
+fsynced. A ``*.spool`` path that is not a spool file (a directory, someone else's file) is never touched;
+a spool file whose header is damaged, so whose destination is unknown, is moved whole into the quarantine.
+
+Several processes, and several destinations, can share one directory: each replays only files whose header
+names its own destination (version 1 files, which carry none, are replayed by whichever writer claims them).
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import errno
 import fcntl
 import json
+import logging
 import os
-import struct
+import stat
+import time
 import uuid
-import zlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO
+from typing import Any
 
 from llmtrace.model import LLMTrace
+from llmtrace.spool_format import (
+    FileHeader,
+    NotASpoolFile,
+    encode_file_header,
+    encode_record,
+    read_at,
+    read_file_header,
+)
 
-MAGIC = b"LTS1"
-HEADER = struct.Struct(">4sII")
+logger = logging.getLogger(__name__)
+
 SUFFIX = ".spool"
-
-
-@dataclass(frozen=True)
-class TornRecord:
-    """A record that could not be read back: where it starts and why."""
-
-    path: Path
-    offset: int
-    reason: str
-
-
-@dataclass
-class SpoolContents:
-    """What :func:`read_spool_file` found: the complete batches, and at most one torn record at the end."""
-
-    batches: list[list[LLMTrace]] = field(default_factory=list)
-    torn: TornRecord | None = None
-
-
-def encode_record(traces: Sequence[LLMTrace]) -> bytes:
-    """One spool record holding ``traces``."""
-    payload = json.dumps({"traces": [trace.model_dump(mode="json") for trace in traces]}).encode()
-    return HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
-
-
-def read_spool_file(path: Path) -> SpoolContents:
-    """Read every complete record of a spool file, stopping at (and reporting) a torn or corrupt one."""
-    data = path.read_bytes()
-    contents = SpoolContents()
-    offset = 0
-    while offset < len(data):
-        torn = _check_record(path, data, offset)
-        if torn is not None:
-            contents.torn = torn
-            break
-        _, length, _ = HEADER.unpack_from(data, offset)
-        payload = data[offset + HEADER.size : offset + HEADER.size + length]
-        traces = [LLMTrace.model_validate(item) for item in json.loads(payload)["traces"]]
-        contents.batches.append(traces)
-        offset += HEADER.size + length
-    return contents
-
-
-def _check_record(path: Path, data: bytes, offset: int) -> TornRecord | None:
-    if len(data) - offset < HEADER.size:
-        return TornRecord(path, offset, f"incomplete header ({len(data) - offset} of {HEADER.size} bytes)")
-    magic, length, checksum = HEADER.unpack_from(data, offset)
-    if magic != MAGIC:
-        return TornRecord(path, offset, "not a record header")
-    available = len(data) - offset - HEADER.size
-    if length > available:
-        return TornRecord(path, offset, f"payload cut short ({available} of {length} bytes)")
-    if zlib.crc32(data[offset + HEADER.size : offset + HEADER.size + length]) != checksum:
-        return TornRecord(path, offset, "checksum mismatch")
-    return None
+TEMPORARY_SUFFIX = ".spool.tmp"
+QUARANTINE_DIRECTORY = "quarantine"
+QUARANTINE_FILE = "quarantine.jsonl"
+DEFAULT_MAX_FILE_BYTES = 64 * 1024 * 1024
+# Spool files hold whole requests and responses: readable by their owner only.
+FILE_MODE = 0o600
+# A temporary file older than this, and unlocked, was left by a process that died while creating it; it holds
+# only a header (records are appended after the rename), so removing it loses nothing.
+STALE_TEMPORARY_SECONDS = 600.0
 
 
 class Spool:
-    """A directory of spool files: append batches to this process's file; claim closed files to replay them.
+    """The appending side of a spool directory: this writer's current file, published atomically, rotated by size.
 
-    Each file is held under an exclusive ``flock`` while it is appended to or replayed, so several writer
-    processes can share one directory: none replays a file another is still writing or replaying. Not
-    thread-safe by itself; :class:`llmtrace.TraceWriter` serialises access.
+    Not thread-safe by itself; :class:`llmtrace.TraceWriter` serialises access.
 
     Args:
-        directory: Where spool files live; created if missing.
+        directory: Where spool files live; created if missing (also when it is removed while in use).
+        destination: ``database.table`` of the traces (``TraceRepository.destination``), written into every
+            file's header so that only a writer for that destination replays them.
+        max_file_bytes: Size after which the current file is closed and the next append starts a new one, so
+            that a long outage makes many files that can each be replayed (and removed) on their own.
     """
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, directory: str | os.PathLike[str], *, destination: str, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    ) -> None:
+        if max_file_bytes < 1:
+            raise ValueError(f"max_file_bytes must be at least 1, got {max_file_bytes}")
         self.directory = Path(directory)
+        self.destination = destination
+        self.max_file_bytes = max_file_bytes
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._file: IO[bytes] | None = None
+        self._fd: int | None = None
         self._path: Path | None = None
+        self._size = 0
+        self._traces = 0
         self._unsynced = False
+        self._created = 0.0
+        self._vanished = 0
+
+    @property
+    def current_path(self) -> Path | None:
+        """The file being appended to, if any."""
+        return self._path
+
+    @property
+    def current_traces(self) -> int:
+        """Traces appended to the current file."""
+        return self._traces
+
+    @property
+    def current_age(self) -> float:
+        """Seconds since the current file was created (0 when there is none)."""
+        return time.monotonic() - self._created if self._fd is not None else 0.0
 
     def append(self, traces: Sequence[LLMTrace], *, sync: bool = True) -> None:
-        """Append one batch.
+        """Append one batch as one record.
 
         The record reaches the operating system before this returns, so it survives the process crashing.
         With ``sync`` (the default) it is also fsynced, so it survives the machine crashing; without, it
-        waits for the next :meth:`sync` or :meth:`rotate`, which lets many small appends share one fsync.
+        waits for the next :meth:`sync` or :meth:`rotate`, which lets many appends share one fsync.
+
+        Raises:
+            OSError: The record could not be written (full disk, missing permissions, ...). Whatever part of
+                it reached the file is cut off again, and the file is closed: the next append starts a new
+                one. Nothing of the failed batch is in the spool.
         """
-        if self._file is None:
-            path = self.directory / f"{os.getpid()}-{uuid.uuid4().hex[:12]}{SUFFIX}"
-            handle = open(path, "ab")  # noqa: SIM115 (kept open across appends; closed by rotate)
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            self._file, self._path = handle, path
-        self._file.write(encode_record(traces))
-        self._file.flush()
-        self._unsynced = True
-        if sync:
-            self.sync()
+        record = encode_record(traces)
+        if self._fd is not None and (self._size >= self.max_file_bytes or not self._still_published()):
+            self.rotate()
+        if self._fd is None:
+            self._publish_new_file()
+        assert self._fd is not None
+        try:
+            _write_all(self._fd, record)
+            if sync:
+                os.fsync(self._fd)
+        except OSError:
+            self._cut_back_and_close()
+            raise
+        self._size += len(record)
+        self._traces += len(traces)
+        self._unsynced = not sync
 
     def sync(self) -> None:
-        """Fsync what was appended without ``sync``."""
-        if self._file is not None and self._unsynced:
-            os.fsync(self._file.fileno())
+        """Fsync what was appended without ``sync``.
+
+        Raises:
+            OSError: The fsync failed; the file is closed (records already written stay in it).
+        """
+        if self._fd is not None and self._unsynced:
+            try:
+                os.fsync(self._fd)
+            except OSError:
+                self._close()
+                raise
         self._unsynced = False
 
     def rotate(self) -> None:
-        """Close the file being appended to, so that it can be replayed; the next append starts a new one."""
-        if self._file is not None:
+        """Close the current file (fsynced), so that it can be replayed; the next append starts a new one."""
+        if self._fd is None:
+            return
+        try:
             self.sync()
-            self._file.close()
-            self._file = None
-            self._path = None
+        finally:
+            self._close()
 
-    def claim_closed_files(self) -> Iterator[Path]:
-        """Yield the spool files nobody holds, oldest first, each locked for the caller until the next one.
+    def take_vanished(self) -> int:
+        """How many appended traces were in files removed from under this spool since the last call."""
+        vanished, self._vanished = self._vanished, 0
+        return vanished
 
-        The caller replays a yielded file and deletes it once every batch in it is stored.
-        """
-        candidates = sorted(self.directory.glob(f"*{SUFFIX}"), key=_modified_time)
-        for path in candidates:
-            if path == self._path:
-                continue
-            try:
-                handle = open(path, "rb")  # noqa: SIM115 (held while the caller replays the file)
-            except FileNotFoundError:
-                continue  # replayed and removed by another process meanwhile
-            try:
-                try:
-                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # another process is appending to it or replaying it
-                if path.exists():
-                    yield path
-            finally:
-                handle.close()
+    def _publish_new_file(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        name = f"{time.time_ns():019d}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        temporary = self.directory / f".{name}{TEMPORARY_SUFFIX}"
+        final = self.directory / f"{name}{SUFFIX}"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        try:
+            # Locked before the final name exists: a replayer can never hold a file its writer still fills.
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            header = encode_file_header(self.destination)
+            _write_all(fd, header)
+            os.fsync(fd)
+            os.rename(temporary, final)
+            fsync_directory(self.directory)
+        except BaseException:
+            os.close(fd)
+            temporary.unlink(missing_ok=True)
+            raise
+        self._fd, self._path, self._size, self._traces, self._unsynced = fd, final, len(header), 0, False
+        self._created = time.monotonic()
+
+    def _still_published(self) -> bool:
+        """Whether the current file still has its name (someone may have removed it, or the whole directory)."""
+        assert self._fd is not None and self._path is not None
+        if names_inode(self._path, os.fstat(self._fd)):
+            return True
+        logger.error(
+            "llmtrace: spool file %s was removed while this process appended to it; the %d trace(s) in it are lost",
+            self._path,
+            self._traces,
+        )
+        self._vanished += self._traces
+        self._traces = 0
+        return False
+
+    def _cut_back_and_close(self) -> None:
+        assert self._fd is not None
+        # If even this fails, the torn record stays: readers skip it and resynchronise on the next one.
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, self._size)
+        self._close()
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd, self._path, self._size, self._traces, self._unsynced = None, None, 0, 0, False
 
 
-def _modified_time(path: Path) -> float:
+@dataclass
+class ClaimedFile:
+    """A spool file this process holds the lock of, ready to be read and, once replayed, removed.
+
+    Attributes:
+        path: The file's path.
+        fd: The open file descriptor (read with ``pread``); its lock is released when it is closed.
+        header: What the file says about itself.
+        records_start: Offset of the first record.
+    """
+
+    path: Path
+    fd: int
+    header: FileHeader
+    records_start: int
+
+    def remove(self) -> None:
+        """Remove the file (still holding its lock, so no one else can be reading it) and release it."""
+        try:
+            self.path.unlink(missing_ok=True)
+            fsync_directory(self.path.parent)
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Release the lock, leaving the file for a later replay."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def scan(directory: Path, *, skip: Path | None = None) -> list[Path]:
+    """The ``*.spool`` paths of ``directory``, oldest first (by name: names start with their creation time).
+
+    Also removes temporary files that a process left behind when it died while creating a file.
+    """
     try:
-        return path.stat().st_mtime
+        entries = list(os.scandir(directory))
     except FileNotFoundError:
-        return 0.0
+        return []
+    paths = []
+    for entry in entries:
+        if entry.name.endswith(SUFFIX) and not entry.name.startswith("."):
+            if skip is None or entry.path != str(skip):
+                paths.append(Path(entry.path))
+        elif entry.name.endswith(TEMPORARY_SUFFIX):
+            _remove_if_stale(Path(entry.path))
+    return sorted(paths, key=_age_key)
+
+
+def _age_key(path: Path) -> tuple[str, str]:
+    # Version 2 names start with their creation time in nanoseconds; other names (version 1) sort by their
+    # modification time, before them.
+    stem = path.name.split("-", 1)[0]
+    if len(stem) == 19 and stem.isdigit():
+        return ("1", path.name)
+    try:
+        return ("0", f"{path.stat().st_mtime:020.6f}")
+    except OSError:
+        return ("0", "")
+
+
+def _remove_if_stale(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        if time.time() - os.fstat(fd).st_mtime < STALE_TEMPORARY_SECONDS:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return
+        path.unlink(missing_ok=True)
+    except OSError:
+        return
+    finally:
+        os.close(fd)
+
+
+class NotClaimable(Exception):  # noqa: N818 (a reason, not a failure)
+    """A ``*.spool`` path that replay must not treat as a spool file of its own (see :func:`claim`).
+
+    Attributes:
+        kind: ``"foreign"`` (a directory, or a file that is not a spool file: left exactly as it is),
+            ``"empty"`` (a file with no bytes, hence no traces), ``"damaged"`` (a spool file whose header
+            cannot be read, so whose destination is unknown) or ``"elsewhere"`` (a spool file of another
+            destination, never locked by this claimer).
+    """
+
+    def __init__(self, reason: str, *, kind: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+
+
+def claim(path: Path, *, destination: str) -> ClaimedFile | None:
+    """Lock a spool file of ``destination`` for replay.
+
+    The header is read before the lock is taken (it is complete before a file gets its name), so files of
+    other destinations are never locked, and never delay the writers that replay them.
+
+    Returns:
+        The claimed file; ``None`` when another process holds it, or it is gone.
+
+    Raises:
+        NotClaimable: The path is not a readable spool file, or a spool file of another destination.
+        OSError: The file could not be opened or locked for another reason.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        raise NotClaimable("a directory, not a spool file", kind="foreign") from None
+    try:
+        opened = os.fstat(fd)
+        if not stat.S_ISREG(opened.st_mode):
+            raise NotClaimable("not a regular file", kind="foreign")
+        try:
+            header, start = read_file_header(fd)
+        except NotASpoolFile as exc:
+            kind = "empty" if opened.st_size == 0 else "damaged" if exc.ours else "foreign"
+            raise NotClaimable(str(exc), kind=kind) from None
+        if header.destination not in (destination, None):
+            raise NotClaimable(f"a spool file of {header.destination}", kind="elsewhere")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                return None  # its writer is still appending, or another replayer has it
+            raise
+        if not names_inode(path, opened):
+            os.close(fd)
+            return None  # replayed and removed by someone else between our open and our lock
+        return ClaimedFile(path, fd, header, start)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def names_inode(path: Path, opened: os.stat_result) -> bool:
+    """Whether ``path`` still names the file whose ``fstat`` is ``opened``."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename or removal in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+class Quarantine:
+    """Where replay sets aside what it must not retry forever, each entry with its reason.
+
+    Entries are lines of ``quarantine/quarantine.jsonl`` (appended under ``flock`` and fsynced, so several
+    processes can add to it); raw unreadable bytes go to a ``.bin`` file next to it that the entry names.
+
+    Args:
+        spool_directory: The spool directory; the quarantine is its ``quarantine/`` subdirectory.
+    """
+
+    def __init__(self, spool_directory: Path) -> None:
+        self.directory = spool_directory / QUARANTINE_DIRECTORY
+        self.path = self.directory / QUARANTINE_FILE
+
+    def add(self, entry: dict[str, Any]) -> None:
+        """Append one entry (a JSON object) with the time it was quarantined.
+
+        Raises:
+            OSError: It could not be written.
+        """
+        line = json.dumps({"quarantined_at": datetime.now(UTC).isoformat(), **entry}) + "\n"
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            _write_all(fd, line.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def add_file(self, path: Path, reason: str) -> bool:
+        """Move a whole spool file whose header is damaged into the quarantine, if no one holds it.
+
+        Returns:
+            Whether it was moved (``False``: another process holds it, or it is gone).
+        """
+        try:
+            handle = open(path, "rb")  # noqa: SIM115 (closed below, after the move)
+        except FileNotFoundError:
+            return False
+        with handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            if not names_inode(path, os.fstat(handle.fileno())):
+                return False
+            self.directory.mkdir(parents=True, exist_ok=True)
+            target = self.directory / path.name
+            os.rename(path, target)
+            fsync_directory(path.parent)
+            fsync_directory(self.directory)
+        self.add({"reason": reason, "source": path.name, "moved_to": target.name})
+        return True
+
+    def add_bytes(self, source: ClaimedFile, start: int, end: int, entry: dict[str, Any]) -> None:
+        """Copy bytes ``[start, end)`` of a claimed file to a ``.bin`` file and add an entry naming it.
+
+        Copied in chunks: a damaged stretch may be as long as the file.
+        """
+        self.directory.mkdir(parents=True, exist_ok=True)
+        target = self.directory / f"{source.path.stem}-{start}.bin"
+        with open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE), "wb") as out:
+            position = start
+            while position < end:
+                chunk = read_at(source.fd, position, min(end - position, 1 << 20))
+                if not chunk:
+                    break
+                out.write(chunk)
+                position += len(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        preview = base64.b64encode(read_at(source.fd, start, min(end - start, 48))).decode()
+        self.add({**entry, "bytes_file": target.name, "length": end - start, "first_bytes_base64": preview})

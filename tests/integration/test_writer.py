@@ -7,6 +7,7 @@ else (batching, deduplication, spooling, replay) runs for real.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import subprocess
@@ -23,6 +24,7 @@ from sqlalchemy import Engine, text
 
 from llmtrace import (
     AsyncTraceWriter,
+    ConfigurationError,
     DatabaseError,
     LLMTrace,
     TraceRepository,
@@ -30,9 +32,11 @@ from llmtrace import (
     WriterClosed,
     WriterEvent,
     WriterQueueFull,
+    WriterStats,
 )
 from llmtrace.spool import SUFFIX, Spool
 from tests.factories import make_trace
+from tests.spool_files import spooled_traces
 
 FAST_RETRIES: dict[str, Any] = {"max_retries": 5, "retry_backoff": 0.01, "max_backoff": 0.05}
 
@@ -55,12 +59,22 @@ class FaultyRepository(TraceRepository):
         self.stall.wait()
         if self.down or self.failures > 0 or self.calls in self.fail_on_calls:
             self.failures = max(0, self.failures - 1)
-            raise DatabaseError("injected failure")
+            raise DatabaseError("injected failure", transient=True)
         written = super().add_many(traces, **options)
         if self.lost_acks > 0:
             self.lost_acks -= 1
-            raise DatabaseError("injected failure after the insert landed")
+            raise DatabaseError("injected failure after the insert landed", transient=True)
         return written
+
+
+def nothing_lost(stats: WriterStats) -> bool:
+    """Whether close() found every submitted trace written or spooled (none lost or pending)."""
+    return stats.written + stats.spooled == stats.submitted and stats.lost == stats.pending == 0
+
+
+def all_written(stats: WriterStats) -> bool:
+    """Whether close() found every submitted trace written (none spooled, lost or pending)."""
+    return stats.written == stats.submitted and stats.spooled == stats.lost == stats.pending == 0
 
 
 def stored(engine: Engine) -> tuple[int, int]:
@@ -115,7 +129,7 @@ def test_down_past_the_retry_budget_spools_then_replays_once(migrated_engine: En
     writer.submit(make_trace(1000))  # the first successful write triggers the replay
     assert writer.flush(timeout=30)
     wait_until(lambda: writer.stats.replayed == 300)
-    assert writer.close(timeout=30) == 0
+    assert nothing_lost(writer.close(timeout=30))
     assert stored(migrated_engine) == (301, 301)
     assert list(tmp_path.glob(f"*{SUFFIX}")) == []
 
@@ -137,7 +151,7 @@ def test_an_idle_writer_replays_on_a_timer_once_the_database_is_back(migrated_en
     # ...and once it is back, the next attempt stores the spooled traces, with no write to set it off.
     repository.down = False
     wait_until(lambda: writer.stats.replayed == 150)
-    assert writer.close(timeout=30) == 0
+    assert nothing_lost(writer.close(timeout=30))
     assert stored(migrated_engine) == (150, 150)
     assert list(tmp_path.glob(f"*{SUFFIX}")) == []
 
@@ -152,7 +166,7 @@ def test_interrupted_replay_repeated_stores_each_trace_once(migrated_engine: Eng
 
     flaky = FaultyRepository(migrated_engine)
     flaky.fail_on_calls = {3}  # replay dies after two of the five batches
-    with TraceWriter(flaky, spool_dir=tmp_path, max_retries=0) as replaying:
+    with TraceWriter(flaky, batch_size=50, spool_dir=tmp_path, max_retries=0) as replaying:
         wait_until(lambda: flaky.calls >= 3)
     assert stored(migrated_engine) == (100, 100)
     assert len(list(tmp_path.glob(f"*{SUFFIX}"))) == 1
@@ -166,7 +180,8 @@ def test_interrupted_replay_repeated_stores_each_trace_once(migrated_engine: Eng
 
 
 def test_spool_with_a_torn_final_record(migrated_engine: Engine, tmp_path: Path) -> None:
-    spool = Spool(tmp_path)
+    repository = TraceRepository(migrated_engine)
+    spool = Spool(tmp_path, destination=repository.destination)
     for start in (0, 10, 20):
         spool.append(traces(10, start))
     spool.rotate()
@@ -174,13 +189,12 @@ def test_spool_with_a_torn_final_record(migrated_engine: Engine, tmp_path: Path)
     path.write_bytes(path.read_bytes()[:-7])
 
     events: list[WriterEvent] = []
-    repository = TraceRepository(migrated_engine)
     with TraceWriter(repository, spool_dir=tmp_path, on_error=events.append) as writer:
         wait_until(lambda: not path.exists())
     assert stored(migrated_engine) == (20, 20)
-    assert writer.stats.replayed == 20 and writer.stats.torn_records == 1
-    (torn,) = [event for event in events if event.kind == "torn_record"]
-    assert "payload cut short" in torn.message and str(path) in torn.message
+    assert writer.stats.replayed == 20 and writer.stats.unreadable == 0  # a torn tail is not damage
+    (torn,) = [event for event in events if event.kind == "torn_tail"]
+    assert "record cut short" in torn.message and str(path) in torn.message
 
 
 def test_eight_threads_submitting_100k(migrated_engine: Engine) -> None:
@@ -197,7 +211,7 @@ def test_eight_threads_submitting_100k(migrated_engine: Engine) -> None:
         thread.start()
     for thread in threads:
         thread.join()
-    assert writer.close(timeout=120) == 0
+    assert all_written(writer.close(timeout=120))
     stats = writer.stats
     assert stored(migrated_engine) == (100_000, 100_000)
     assert stats.submitted == stats.written == 100_000
@@ -224,7 +238,7 @@ def test_asyncio_tasks_cancelled_midway_lose_nothing_submitted(migrated_engine: 
             victim.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         assert sum(t.cancelled() for t in tasks) > 0
-        assert await writer.aclose(timeout=60) == 0
+        assert all_written(await writer.aclose(timeout=60))
 
     asyncio.run(main())
     assert len(submitted) < 5_000
@@ -265,7 +279,10 @@ def test_reads_from_worker_threads_while_the_writer_writes(migrated_engine: Engi
     assert stored(migrated_engine) == (2_100, 2_100)
 
 
-def test_close_with_a_stalled_database_returns_in_time(migrated_engine: Engine, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stalled_write", ["fails later", "succeeds later"])
+def test_close_with_a_stalled_database_returns_in_time_and_counts_once(
+    migrated_engine: Engine, tmp_path: Path, stalled_write: str
+) -> None:
     repository = FaultyRepository(migrated_engine)
     repository.stall.clear()
     writer = TraceWriter(repository, batch_size=10, spool_dir=tmp_path)
@@ -273,11 +290,22 @@ def test_close_with_a_stalled_database_returns_in_time(migrated_engine: Engine, 
         writer.submit(trace)
     wait_until(lambda: repository.calls >= 1)
     started = time.monotonic()
-    unwritten = writer.close(timeout=0.5)
+    final = writer.close(timeout=0.5)
     assert time.monotonic() - started < 3
-    assert unwritten == 35  # the stalled batch and everything behind it
-    assert writer.stats.spooled == 35
-    repository.stall.set()  # let the stuck thread finish before the database goes away
+    # The stalled batch and everything behind it went to the spool, and are counted there once.
+    assert (final.spooled, final.written, final.lost, final.pending) == (35, 0, 0, 0)
+
+    repository.down = stalled_write == "fails later"
+    repository.stall.set()  # the stuck write now fails, or lands
+    writer._thread.join(timeout=30)
+    # Neither counted again nor spooled again (only last_error may have changed).
+    assert dataclasses.replace(writer.stats, last_error=None) == dataclasses.replace(final, last_error=None)
+    assert sorted(trace.id for trace in spooled_traces(tmp_path)) == sorted(trace.id for trace in traces(35))
+    assert stored(migrated_engine) == ((10, 10) if stalled_write == "succeeds later" else (0, 0))
+    with TraceWriter(TraceRepository(migrated_engine), spool_dir=tmp_path) as replaying:
+        wait_until(lambda: not list(tmp_path.glob(f"*{SUFFIX}")))
+    assert replaying.stats.replayed == 35
+    assert stored(migrated_engine) == (35, 35)
 
 
 def test_failures_without_a_spool_are_counted_and_logged(
@@ -293,7 +321,7 @@ def test_failures_without_a_spool_are_counted_and_logged(
         writer.flush(timeout=10)
     assert writer.stats.failed == 20 and writer.stats.last_error == "injected failure"
     assert [event.kind for event in events] == ["retry", "failed"]
-    assert "retries exhausted and no spool_dir: traces lost (20 traces)" in caplog.text
+    assert "write failed and no spool_dir: traces lost (20 traces)" in caplog.text
 
 
 def test_batches_flush_on_size_and_on_interval(migrated_engine: Engine) -> None:
@@ -320,7 +348,8 @@ def test_drop_policies(migrated_engine: Engine, policy: str, kept: range) -> Non
         writer.submit(trace)
     assert writer.stats.dropped == 15 and writer.stats.queue_depth == 5
     repository.stall.set()
-    assert writer.close(timeout=30) == 0
+    final = writer.close(timeout=30)
+    assert (final.written, final.dropped, final.lost, final.pending) == (6, 15, 15, 0)
     with migrated_engine.connect() as connection:
         ids = set(connection.execute(text("SELECT id FROM llm_traces")).scalars())
     assert ids == {make_trace(i).id for i in kept} | {make_trace(1000).id}
@@ -374,9 +403,12 @@ def test_spool_policy_writes_overflow_to_disk(migrated_engine: Engine, tmp_path:
     wait_until(lambda: writer.stats.in_flight == 1)
     for trace in traces(12):
         writer.submit(trace)
-    assert writer.stats.spooled == 7
+    # Overflowing traces are collected into one record; flush() writes it even while the database stalls.
+    assert writer.stats.overflow_pending == 7 and writer.stats.spooled == 0
+    assert not writer.flush(timeout=0.1)
+    assert writer.stats.overflow_pending == 0 and writer.stats.spooled == 7
     repository.stall.set()
-    assert writer.close(timeout=30) == 0
+    assert nothing_lost(writer.close(timeout=30))
     with TraceWriter(TraceRepository(migrated_engine), spool_dir=tmp_path):
         wait_until(lambda: not list(tmp_path.glob(f"*{SUFFIX}")))
     assert stored(migrated_engine) == (13, 13)
@@ -410,11 +442,21 @@ def test_bad_options(migrated_engine: Engine, options: dict[str, Any], message: 
         TraceWriter(TraceRepository(migrated_engine), **options)
 
 
+def test_a_spool_dir_that_cannot_be_used_is_refused_at_once(migrated_engine: Engine, tmp_path: Path) -> None:
+    taken = tmp_path / "a-file"
+    taken.write_text("not a directory")
+    with pytest.raises(ConfigurationError, match=r"spool_dir '.*a-file' cannot be used: .*Give a directory"):
+        TraceWriter(TraceRepository(migrated_engine), spool_dir=taken)
+    with pytest.raises(ValueError, match="max_spool_file_bytes must be at least 1, got 0"):
+        TraceWriter(TraceRepository(migrated_engine), spool_dir=tmp_path, max_spool_file_bytes=0)
+
+
 EXITING_SCRIPT = """
 import sys
 from llmtrace import TraceRepository, TraceWriter, get_engine
 from llmtrace.migrations import upgrade
 from tests.factories import make_trace
+from tests.spool_files import spooled_traces
 engine = get_engine(sys.argv[1])
 upgrade(engine)
 writer = TraceWriter(TraceRepository(engine), flush_interval=60)
