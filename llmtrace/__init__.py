@@ -16,6 +16,7 @@ from llmtrace.errors import (
     SchemaNotMigratedError,
     TraceNotFound,
     TraceValidationError,
+    WriteUnconfirmed,
 )
 from llmtrace.filters import ALL_ORGANIZATIONS
 from llmtrace.model import LLMTrace
@@ -46,6 +47,7 @@ __all__ = [
     "TraceValidationError",
     "TraceWriter",
     "UsageRow",
+    "WriteUnconfirmed",
     "WriterClosed",
     "WriterEvent",
     "WriterQueueFull",

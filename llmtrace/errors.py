@@ -60,6 +60,17 @@ class SchemaNotMigratedError(DatabaseError):
     """The traces table does not exist in the database: the migrations have not been run against it."""
 
 
+class WriteUnconfirmed(DatabaseError):  # noqa: N818 (a state, like TraceNotFound)
+    """An insert was sent and may have been stored, but reading back what it stored failed.
+
+    Always transient: sending the same batch again is safe (its deduplication token makes ClickHouse store it at
+    most once) and settles the question. Until then the traces may or may not be stored.
+    """
+
+    def __init__(self, message: str, *, code: int | None = None) -> None:
+        super().__init__(message, transient=True, code=code)
+
+
 class TraceNotFound(LLMTraceError, LookupError):  # noqa: N818 (the public name the API promises)
     """No trace with the given id exists in the given organization."""
 

@@ -47,13 +47,20 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import partial
 from itertools import islice
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
-from llmtrace.errors import DatabaseError, SchemaNotMigratedError, TraceValidationError, database_errors
+from llmtrace.errors import (
+    DatabaseError,
+    SchemaNotMigratedError,
+    TraceValidationError,
+    WriteUnconfirmed,
+    database_errors,
+)
 from llmtrace.model import CLICKHOUSE_COLUMNS, LLMTrace, insert_column_data
 from llmtrace.record import INSERT_ATTEMPT_COLUMN, INSERT_ATTEMPT_PREFIX, TABLE_NAME
 from llmtrace.stored_lookup import BatchKeys, Identity, StoredTraces
@@ -82,6 +89,9 @@ INSERT_SETTINGS = {
     "insert_distributed_sync": 1,
     "load_balancing": "in_order",
 }
+# The reads that confirm an insert are tried this many times, waiting 0.05, 0.1, 0.2, 0.4 s in between.
+CONFIRM_ATTEMPTS = 5
+CONFIRM_FIRST_DELAY = 0.05
 # Each extra round means the batch's earlier copy was erased after being stored once more; a hundred such
 # cycles of the very same batch within the deduplication window is not something a service does.
 MAX_ROUNDS = 100
@@ -214,14 +224,14 @@ def insert_exactly_once(client: Any, stored: StoredTraces, columns: list[list[An
         settings = {**INSERT_SETTINGS, "insert_deduplication_token": token, "log_comment": attempt}
         with database_errors(f"inserting {sent} traces"):
             insert_as_one_block(client, columns, settings)
-        mine = rows_of_attempt(client, attempt, columns[CREATED_AT], settings=stored.read_settings)
+        count = partial(rows_of_attempt, client, attempt, columns[CREATED_AT], settings=stored.read_settings)
+        mine = confirmed(sent, count)
         written += mine
         if mine == sent:
             return written
         # ClickHouse dropped some blocks as repeats of this token. Whatever is stored now is done; the rest lost
         # its earlier copy (deleted, dropped, truncated) and goes again under the next token.
-        with database_errors(f"checking which of {sent} traces are stored after a deduplicated insert"):
-            present = stored.identities(BatchKeys.from_columns(columns))
+        present = confirmed(sent, partial(_stored_identities, stored, BatchKeys.from_columns(columns), sent))
         columns = without(columns, present)
         if not columns[ID]:
             return written
@@ -229,6 +239,37 @@ def insert_exactly_once(client: Any, stored: StoredTraces, columns: list[list[An
         f"{len(columns[ID])} trace(s) were dropped as duplicates {MAX_ROUNDS} times in a row without being stored; "
         "the same batch was erased and written again that many times. Send these traces in a new batch."
     )
+
+
+def _stored_identities(stored: StoredTraces, keys: BatchKeys, sent: int) -> set[Identity]:
+    with database_errors(f"checking which of {sent} traces are stored after a deduplicated insert"):
+        return {(organization, trace_id) for organization, _, _, trace_id in stored.stored_keys(keys)}
+
+
+ReadT = TypeVar("ReadT")
+
+
+def confirmed(sent: int, read: Callable[[], ReadT]) -> ReadT:
+    """Run a read that settles what an insert of ``sent`` traces stored, retrying it briefly if it fails.
+
+    The insert is done by then, so a failure here must not read as "nothing was written": a short outage (a
+    restarted server, a table renamed away and back) is waited out; a longer one raises
+    :class:`WriteUnconfirmed`, which says the traces may be stored and that sending the batch again is safe.
+    """
+    delay = CONFIRM_FIRST_DELAY
+    for attempt in range(CONFIRM_ATTEMPTS):
+        try:
+            return read()
+        except DatabaseError as exc:
+            if attempt == CONFIRM_ATTEMPTS - 1:
+                raise WriteUnconfirmed(
+                    f"{sent} trace(s) were sent to ClickHouse and may be stored, but what was stored could not be "
+                    "read back; sending the same batch again is safe and settles it. The last failure: " + str(exc),
+                    code=exc.code,
+                ) from exc
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 def insert_as_one_block(client: Any, columns: list[list[Any]], settings: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ The no-loss path, in the order a trace takes it:
 Every trace ``submit`` accepted is, at every moment, in exactly one of these states (the counters of
 :class:`WriterStats`)::
 
-    submitted == written + spooled + dropped + failed + queue_depth + overflow_pending + in_flight
+    submitted == written + spooled + dropped + failed + unconfirmed + queue_depth + overflow_pending + in_flight
 
 and nothing on the writer's thread can stop it: an unexpected error in a write, a replay or a spool
 operation is logged once, reported to ``on_error``, counted in ``errors``, and the thread goes on.
@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llmtrace import exit_hook
-from llmtrace.errors import ConfigurationError, DatabaseError, LLMTraceError
+from llmtrace.errors import ConfigurationError, DatabaseError, LLMTraceError, WriteUnconfirmed
 from llmtrace.model import LLMTrace
 from llmtrace.repository import TraceRepository
 from llmtrace.spool import DEFAULT_MAX_FILE_BYTES, Spool
@@ -78,7 +78,7 @@ class WriterStats:
 
     Where every accepted trace is, at every moment::
 
-        submitted == written + spooled + dropped + failed + queue_depth + overflow_pending + in_flight
+        submitted == written + spooled + dropped + failed + unconfirmed + queue_depth + overflow_pending + in_flight
 
     A batch that ``close(timeout)`` gave up on while its write was stalled is counted once, as spooled. If the
     stalled write later succeeds, the traces are in ClickHouse *and* in the spool; the counters do not change
@@ -93,6 +93,9 @@ class WriterStats:
         dropped: Traces discarded by the ``drop_oldest`` / ``drop_newest`` overflow policies.
         failed: Traces lost: not written, and not spooled (no ``spool_dir``, or the spool could not be
             written, e.g. a full disk).
+        unconfirmed: Traces whose insert was sent but whose storing could not be read back before the retries
+            ran out (:class:`llmtrace.WriteUnconfirmed`), with no ``spool_dir`` to settle it later: they may or
+            may not be stored. With a spool they are spooled instead, and replay settles them.
         queue_depth: Traces waiting in the buffer.
         overflow_pending: Traces that overflowed (``overflow="spool"``) and wait in memory for their spool
             record (at most ``OVERFLOW_RECORD_TRACES``, or ``flush_interval`` seconds).
@@ -114,6 +117,7 @@ class WriterStats:
     spooled: int
     dropped: int
     failed: int
+    unconfirmed: int
     queue_depth: int
     overflow_pending: int
     in_flight: int
@@ -144,6 +148,7 @@ class WriterEvent:
     - ``"retry"``: a write failed and will be retried;
     - ``"spooled"``: a write failed for good (or permanently), the batch went to the spool;
     - ``"failed"``: a batch is lost (no spool, or the spool could not be written);
+    - ``"unconfirmed"``: a batch was sent but what it stored could not be read back, and there is no spool;
     - ``"dropped"``: the overflow policy discarded traces;
     - ``"spool_lost"``: the spool file being appended to was removed by someone else, with its traces;
     - ``"replay_failed"``: replay could not store spooled traces; they stay in the spool for a later pass;
@@ -162,7 +167,7 @@ class WriterEvent:
     error: BaseException | None = None
 
 
-_SERIOUS = frozenset({"failed", "dropped", "spool_lost", "quarantined", "unreadable", "error"})
+_SERIOUS = frozenset({"failed", "unconfirmed", "dropped", "spool_lost", "quarantined", "unreadable", "error"})
 
 
 # A submitted trace as the writer holds it: see _freeze.
@@ -175,6 +180,8 @@ class _Batch:
     # "writing": add_many (or its retries) in progress; "spooling": the thread is spooling it; "taken": close()
     # gave up on the thread and spooled it itself; "settled": counted.
     state: str = "writing"
+    # An attempt failed after its insert was sent (WriteUnconfirmed): the traces may be stored.
+    maybe_stored: bool = False
 
 
 class TraceWriter:
@@ -295,7 +302,9 @@ class TraceWriter:
         self._spooled_since_success = False
         self._dropped_unreported = 0
         self._unreported: list[WriterEvent] = []
-        self._counts = dict.fromkeys(("submitted", "written", "spooled", "dropped", "failed", "retried", "errors"), 0)
+        self._counts = dict.fromkeys(
+            ("submitted", "written", "spooled", "dropped", "failed", "unconfirmed", "retried", "errors"), 0
+        )
         self._last_error: str | None = None
 
         self._thread = threading.Thread(target=self._run, name="llmtrace-writer", daemon=True)
@@ -474,11 +483,11 @@ class TraceWriter:
         if not self._thread.is_alive():
             self._report_pending()
         stats = self.stats
-        if first and (stats.spooled or stats.lost or stats.pending):
+        if first and (stats.spooled or stats.lost or stats.unconfirmed or stats.pending):
             logger.log(
-                logging.ERROR if stats.lost or stats.pending else logging.WARNING,
+                logging.ERROR if stats.lost or stats.unconfirmed or stats.pending else logging.WARNING,
                 "llmtrace: trace writer closed: %d written, %d spooled%s (replayed by now: %d), %d lost "
-                "(%d dropped, %d failed)%s",
+                "(%d dropped, %d failed), %d unconfirmed%s",
                 stats.written,
                 stats.spooled,
                 f" to {self._spool.directory}" if self._spool else "",
@@ -486,6 +495,7 @@ class TraceWriter:
                 stats.lost,
                 stats.dropped,
                 stats.failed,
+                stats.unconfirmed,
                 f", {stats.pending} still in flight" if stats.pending else "",
             )
         return stats
@@ -592,6 +602,8 @@ class TraceWriter:
                 stored = self.repository.add_many(traces, batch_size=len(traces))
             except Exception as exc:
                 retry = self._note_failure(exc, first=attempt == 0)
+                # Once an attempt may have stored the batch, only a later confirmation or replay can say it did not.
+                batch.maybe_stored = batch.maybe_stored or isinstance(exc, WriteUnconfirmed)
                 if not retry or attempt >= self.max_retries or self._give_up.is_set():
                     self._abandon(batch, exc, traces)
                     return
@@ -653,6 +665,12 @@ class TraceWriter:
                 return  # close() took it over and spooled it
             batch.state = "spooling"
         count = len(batch.traces)
+        if self._spool is None and batch.maybe_stored:
+            with self._lock:
+                self._settle(batch, "unconfirmed")
+            message = "write sent but not confirmed, and no spool_dir: the traces may or may not be stored"
+            self._emit(WriterEvent("unconfirmed", count, message, error))
+            return
         if self._spool is None:
             with self._lock:
                 self._settle(batch, "failed")

@@ -60,7 +60,7 @@ def wait_until(condition: Callable[[], Any], timeout: float = 30.0) -> None:
 
 def balanced(stats: WriterStats) -> bool:
     """The accounting identity: every submitted trace is in exactly one state."""
-    settled = stats.written + stats.spooled + stats.dropped + stats.failed
+    settled = stats.written + stats.spooled + stats.dropped + stats.failed + stats.unconfirmed
     return stats.submitted == settled + stats.queue_depth + stats.overflow_pending + stats.in_flight
 
 

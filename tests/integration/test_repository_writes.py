@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, event, text
 
-from llmtrace import LLMTrace, SchemaNotMigratedError, TraceRepository, TraceValidationError
+from llmtrace import LLMTrace, SchemaNotMigratedError, TraceRepository, TraceValidationError, WriteUnconfirmed, ingest
 from llmtrace.engine import driver_client
 from llmtrace.migrations import downgrade, upgrade
 from llmtrace.model import insert_column_data
@@ -489,3 +489,39 @@ def test_batches_after_an_overlapping_one_are_looked_up_without_the_probe(
     assert batches - 1 > PROBE_PAUSE
     assert repository.add_many([make_trace(i) for i in range(360)], batch_size=30) == 360 - 120
     assert stored_rows(migrated_engine) == 360
+
+
+@pytest.mark.parametrize("away_for", [0.15, None], ids=["brief outage", "long outage"])
+def test_an_insert_whose_storing_cannot_be_read_back_says_so(
+    repository: TraceRepository, migrated_engine: Engine, monkeypatch: pytest.MonkeyPatch, away_for: float | None
+) -> None:
+    # The table goes away right after the insert lands (a real failure of the reads that confirm it). A short
+    # outage is waited out; a long one must not read as "nothing was written".
+    repository.add(make_trace(999))  # the schema check is out of the way
+    inserted = ingest.insert_as_one_block
+
+    def insert_then_lose_the_table(*args: Any) -> None:
+        inserted(*args)
+        with migrated_engine.connect() as connection:
+            connection.execute(text("RENAME TABLE llm_traces TO llm_traces_away"))
+        if away_for is not None:
+            threading.Timer(away_for, bring_back).start()
+
+    def bring_back() -> None:
+        with migrated_engine.connect() as connection:
+            connection.execute(text("RENAME TABLE llm_traces_away TO llm_traces"))
+
+    monkeypatch.setattr(ingest, "insert_as_one_block", insert_then_lose_the_table)
+    batch = [make_trace(i) for i in range(40)]
+    if away_for is not None:
+        assert repository.add_many(batch) == 40
+    else:
+        with pytest.raises(
+            WriteUnconfirmed, match=r"40 trace\(s\) were sent to ClickHouse and may be stored"
+        ) as caught:
+            repository.add_many(batch)
+        assert caught.value.transient
+        bring_back()
+        monkeypatch.setattr(ingest, "insert_as_one_block", inserted)
+        assert repository.add_many(batch) == 0  # sending it again settles it: stored once, by the first attempt
+    assert stored_rows(migrated_engine) == 41

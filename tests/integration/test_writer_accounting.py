@@ -118,8 +118,10 @@ def test_every_trace_is_accounted_for_at_every_moment(
     assert balanced(final) and final.pending == 0 and final.submitted == len(all_accepted)
     assert final.submitted + sum(refused) == SUBMITTERS * PER_SUBMITTER
     if spool_dir is None:
-        # Without a spool, what failed or was dropped is lost, and exactly what was written is stored.
-        assert stored(migrated_engine) == (final.written, final.written)
+        # Without a spool, what failed or was dropped is lost: what is stored is what was written, plus at most
+        # the unconfirmed batches (sent, but the table was away whenever their storing was read back).
+        rows, distinct = stored(migrated_engine)
+        assert rows == distinct and final.written <= rows <= final.written + final.unconfirmed
         return
     assert final.lost == 0
     with TraceWriter(TraceRepository(migrated_engine), spool_dir=spool_dir):
