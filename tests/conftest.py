@@ -6,6 +6,9 @@ the whole session, and tests are isolated from each other by ClickHouse database
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,3 +57,18 @@ def migrated_engine(engine: Engine) -> Engine:
     """An engine on a fresh database migrated to the newest schema."""
     upgrade(engine)
     return engine
+
+
+@pytest.fixture
+def memory_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory in memory (/dev/shm) where there is one, else ``tmp_path``.
+
+    For tests of processes and races around files rather than of the disk: fsync costs nothing there, so races
+    repeat faster, and a process killed with SIGKILL loses nothing the kernel already holds on any file system.
+    """
+    if not os.access("/dev/shm", os.W_OK):
+        yield tmp_path
+        return
+    directory = Path(tempfile.mkdtemp(prefix="llmtrace-test-", dir="/dev/shm"))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)

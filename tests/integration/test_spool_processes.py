@@ -13,9 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,18 +91,9 @@ def completed_ids(output: str) -> list[str]:
 
 
 @pytest.fixture
-def spool_dir(tmp_path: Path) -> Iterator[Path]:
-    """A spool directory in memory (/dev/shm) where there is one.
-
-    A process killed with SIGKILL loses nothing the kernel already holds, on any file system: what these tests
-    exercise is the processes, not the disk, and fsync on this machine's virtual disk would make them slow.
-    """
-    if not os.access("/dev/shm", os.W_OK):
-        yield tmp_path
-        return
-    directory = Path(tempfile.mkdtemp(prefix="llmtrace-spool-test-", dir="/dev/shm"))
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
+def spool_dir(memory_dir: Path) -> Path:
+    """The spool directory of these tests: what they exercise is processes, not the disk (see ``memory_dir``)."""
+    return memory_dir
 
 
 def test_writers_killed_at_random_moments_lose_no_completed_append(migrated_engine: Engine, spool_dir: Path) -> None:

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
-import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -300,18 +297,7 @@ def test_only_stale_unlocked_temporary_files_are_cleaned_up(tmp_path: Path) -> N
     assert not stale.exists() and fresh.exists()
 
 
-@pytest.fixture
-def fast_directory(tmp_path: Path) -> Iterator[Path]:
-    """A directory in memory (/dev/shm) where there is one: fsync costs nothing there, so races repeat faster."""
-    if not os.access("/dev/shm", os.W_OK):
-        yield tmp_path
-        return
-    directory = Path(tempfile.mkdtemp(prefix="llmtrace-spool-test-", dir="/dev/shm"))
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-def test_a_claimer_never_takes_a_file_its_writer_still_fills(fast_directory: Path) -> None:
+def test_a_claimer_never_takes_a_file_its_writer_still_fills(memory_dir: Path) -> None:
     """Writers create, fill and rotate files in a tight loop while two claimers replay and remove them.
 
     Each file gets two records, the second appended after the file is published. A claimer that could take a
@@ -326,7 +312,7 @@ def test_a_claimer_never_takes_a_file_its_writer_still_fills(fast_directory: Pat
     done = threading.Event()
 
     def write() -> None:
-        spool = Spool(fast_directory, destination=DESTINATION)
+        spool = Spool(memory_dir, destination=DESTINATION)
         for number in range(files):
             spool.append([make_trace(2 * number)], sync=False)
             spool.append([make_trace(2 * number + 1)], sync=False)
@@ -336,7 +322,7 @@ def test_a_claimer_never_takes_a_file_its_writer_still_fills(fast_directory: Pat
     def replay() -> None:
         while True:
             finished = done.is_set()
-            for path in scan(fast_directory):
+            for path in scan(memory_dir):
                 try:
                     claimed = claim(path, destination=DESTINATION)
                 except NotClaimable as exc:  # a file seen before it was complete
