@@ -26,7 +26,8 @@ from clickhouse_connect.cc_sqlalchemy.alembic import include_object as include_c
 from sqlalchemy import Connection, text
 from sqlalchemy.engine import make_url
 
-import llmtrace.alembic_impl  # noqa: F401  (registers the implementation that creates the version table)
+import llmtrace.alembic_impl
+import llmtrace.prices  # noqa: F401  (puts the price table in Base.metadata)
 from llmtrace.ddl import DATABASE_OPTION, TOPOLOGY_OPTION
 from llmtrace.engine import DEFAULT_URL, EMBEDDED_SCHEME, ENV_VAR, driver_client, get_engine, is_embedded
 from llmtrace.engine import parse_embedded_url as embedded_target

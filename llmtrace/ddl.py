@@ -118,6 +118,34 @@ class SchemaDDL:
             )
         return statements
 
+    def create_reference_table(
+        self, table: str, columns: Sequence[str], *, order_by: str, version: str, is_deleted: str
+    ) -> list[str]:
+        """``CREATE TABLE IF NOT EXISTS`` for a small table every host holds whole (such as the price list).
+
+        A ReplacingMergeTree keyed by ``order_by``: a row inserted again with a higher ``version`` replaces the
+        older one, and one whose ``is_deleted`` is 1 removes it (readers use ``FINAL``). On a cluster it is
+        replicated to every host rather than sharded, so that each shard joins its traces with it locally.
+        """
+        arguments = f"{version}, {is_deleted}"
+        if self.topology.kind is Kind.CLUSTER:
+            engine = (
+                f"ReplicatedReplacingMergeTree('{CLUSTER_WIDE_PATH}{table}', '{CLUSTER_WIDE_REPLICA}', {arguments})"
+            )
+        elif self.topology.kind is Kind.REPLICATED:
+            engine = f"ReplicatedReplacingMergeTree({arguments})"
+        else:
+            engine = f"ReplacingMergeTree({arguments})"
+        return [
+            f"CREATE TABLE IF NOT EXISTS {self.name(table)}{self.topology.on_cluster()} ({', '.join(columns)}) "
+            f"ENGINE = {engine} ORDER BY {order_by}"
+        ]
+
+    def drop_reference_table(self, table: str) -> list[str]:
+        """``DROP TABLE IF EXISTS`` for a table made by :meth:`create_reference_table`."""
+        sync = " SYNC" if self.topology.distributed else ""
+        return [f"DROP TABLE IF EXISTS {self.name(table)}{self.topology.on_cluster()}{sync}"]
+
     def drop_table(self, table: str) -> list[str]:
         """``DROP TABLE IF EXISTS`` for a table (on a cluster, its Distributed table first, then its local table)."""
         if not self.topology.distributed:

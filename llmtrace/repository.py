@@ -289,7 +289,7 @@ class TraceRepository:
         """
         keys = validate_grouping(group_by, granularity, percentiles)
         trace_filter = _filter(organization_id, {**filters, "since": since, "until": until}, method="usage")
-        statement = trace_filter.apply(usage_statement(keys, granularity, percentiles))
+        statement = usage_statement(keys, granularity, percentiles, trace_filter)
         with database_errors("computing usage"), self.engine.connect() as connection:
             rows = connection.execute(statement).mappings().all()
         return [usage_row(row, keys, granularity) for row in rows]

@@ -16,7 +16,7 @@ MODELS = (
     ("openai", "gpt-4.1"),
     ("openai", "gpt-4.1-mini"),
     ("anthropic", "claude-sonnet-4"),
-    ("anthropic", "claude-haiku-4"),
+    ("anthropic", "claude-haiku-4-5"),
     ("google_ai", "gemini-2.5-pro"),
 )
 CALL_TYPES = ("agent_step", "agent_step", "agent_step", "summarization", "embedding")
@@ -76,6 +76,7 @@ def synthetic_traces(
         is_error = rng.random() < 0.02
         is_byok = rng.random() < 0.1
         prompt = rng.randint(50, 20_000)
+        completion = 0 if is_error else rng.randint(10, 2_000)
         yield LLMTrace(
             id=str(uuid.UUID(int=rng.getrandbits(128), version=4)),
             organization_id=f"org-{organization}",
@@ -90,9 +91,10 @@ def synthetic_traces(
             model=model,
             is_byok=is_byok,
             prompt_tokens=prompt,
-            completion_tokens=0 if is_error else rng.randint(10, 2_000),
+            completion_tokens=completion,
             cached_input_tokens=rng.randint(0, prompt) if provider == "anthropic" else None,
-            reasoning_tokens=rng.randint(0, 500) if model.startswith("gpt-4.1") else None,
+            # Reasoning is part of the completion (the providers' usual count).
+            reasoning_tokens=rng.randint(0, min(500, completion)) if model.startswith("gpt-4.1") else None,
             latency_ms=rng.randint(150, 30_000),
             is_error=is_error,
             error_type=rng.choice(ERRORS) if is_error else None,

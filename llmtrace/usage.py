@@ -5,12 +5,27 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import Any
+from decimal import Decimal
+from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import Select, func, literal_column, select
+from sqlalchemy import Select, and_, func, literal_column, not_, select
 from sqlalchemy.sql import ColumnElement
+from sqlalchemy.sql.selectable import Subquery
 
+from llmtrace.cost import (
+    COST_PARTS,
+    COST_SETTINGS,
+    Tokens,
+    band_tier,
+    cost_parts,
+    dollars,
+    join_prices,
+    tier_band,
+    trace_tokens,
+)
 from llmtrace.record import TRACES_TABLE
+
+SelectT = TypeVar("SelectT", bound=Select[Any])
 
 TABLE = TRACES_TABLE
 GROUP_KEYS = (
@@ -66,6 +81,19 @@ class UsageRow:
         latency_p50_ms: Median latency (exact unless approximate percentiles were asked for).
         latency_p95_ms: 95th percentile latency.
         latency_p99_ms: 99th percentile latency.
+        cost: What the traces cost the platform, in USD: every priced trace that is not BYOK, at the price
+            in force at its time (see llmtrace.cost). The sum of the six parts below.
+        input_cost: Of ``cost``, input tokens not read from or written to the cache.
+        cached_input_cost: Of ``cost``, cache reads.
+        cache_write_cost: Of ``cost``, cache writes.
+        output_cost: Of ``cost``, output tokens other than reasoning.
+        reasoning_cost: Of ``cost``, reasoning tokens.
+        request_cost: Of ``cost``, fixed fees per request.
+        byok_cost: What the BYOK traces (``is_byok``) would cost at the same prices: their owners pay it, so it
+            is not in ``cost``.
+        unpriced_requests: Traces no price applied to (no price for their provider and model at their time, or
+            counts that contradict their provider's convention); they are in no cost.
+        source: What answered: ``"raw"`` (the traces) or ``"rollup"`` (the hourly rollup).
     """
 
     group: Mapping[str, Any]
@@ -84,6 +112,16 @@ class UsageRow:
     latency_p50_ms: float
     latency_p95_ms: float
     latency_p99_ms: float
+    cost: Decimal
+    input_cost: Decimal
+    cached_input_cost: Decimal
+    cache_write_cost: Decimal
+    output_cost: Decimal
+    reasoning_cost: Decimal
+    request_cost: Decimal
+    byok_cost: Decimal
+    unpriced_requests: int
+    source: str
 
     def __getattr__(self, name: str) -> Any:
         # Lets reports read row.model or row.agent_id for the group keys.
@@ -133,12 +171,42 @@ def bucket_expression(granularity: str) -> ColumnElement[Any]:
     return func.toStartOfMonth(whole_second)
 
 
-def usage_statement(keys: tuple[str, ...], granularity: str | None, percentiles: str) -> Select[Any]:
-    """The aggregate SELECT for a report; the caller adds the filter's WHERE clause."""
-    group_columns: list[ColumnElement[Any]] = [TABLE.c[key] for key in keys]
-    if granularity is not None:
-        group_columns.insert(0, bucket_expression(granularity).label("bucket"))
+class UsageFilter(Protocol):
+    def apply(self, statement: SelectT) -> SelectT: ...
+
+
+def usage_statement(
+    keys: tuple[str, ...], granularity: str | None, percentiles: str, trace_filter: UsageFilter
+) -> Select[Any]:
+    """The report's query: traces summed per hour of each group, those hours priced, then summed per group.
+
+    Costs depend on the price in force at each trace's time, and prices change only on whole hours (see
+    llmtrace.prices): pricing each hour's totals is exact, and the hourly totals are the shape the rollup
+    stores, so both sources share the outer query.
+    """
+    hourly = hourly_totals(keys, granularity, percentiles, trace_filter).subquery("hourly")
+    return priced_totals(hourly, keys, granularity, percentiles)
+
+
+def hourly_totals(
+    keys: tuple[str, ...], granularity: str | None, percentiles: str, trace_filter: UsageFilter
+) -> Select[Any]:
+    """Per hour and group, the traces' totals, split further by what pricing needs to know of each trace."""
     c = TABLE.c
+    tokens = trace_tokens()
+    dimensions: list[ColumnElement[Any]] = [c[key] for key in keys]
+    if granularity is not None:
+        dimensions.append(bucket_expression(granularity).label("bucket"))
+    dimensions += [
+        c.provider.label("price_provider"),
+        c.model.label("price_model"),
+        c.is_byok.label("price_byok"),
+        bucket_expression("hour").label("price_hour"),
+        tier_band(tokens.prompt).label("band_prompt"),
+        tier_band(tokens.prompt + tokens.cached_input + tokens.cache_write).label("band_with_cache"),
+        tokens.cache_over_prompt.label("cache_over_prompt"),
+        tokens.reasoning_over_completion.label("reasoning_over_completion"),
+    ]
     measures = [
         func.count().label("requests"),
         func.countIf(c.is_error).label("errors"),
@@ -151,24 +219,78 @@ def usage_statement(keys: tuple[str, ...], granularity: str | None, percentiles:
         # Summed as UInt128: sizes are UInt64, and a sum of them may not fit one.
         func.sum(func.toUInt128(c.request_size_bytes)).label("request_bytes"),
         func.sum(func.toUInt128(c.response_size_bytes)).label("response_bytes"),
-        func.avg(c.latency_ms).label("latency_avg_ms"),
+        func.sum(func.toUInt64(c.latency_ms)).label("latency_sum"),
         # A parametric aggregate, f(params)(column), which SQLAlchemy's func cannot spell; constant SQL only.
-        literal_column(f"{PERCENTILE_FUNCTIONS[percentiles]}({', '.join(map(str, PERCENTILES))})(latency_ms)").label(
+        literal_column(f"{PERCENTILE_FUNCTIONS[percentiles]}State({_LEVELS})(latency_ms)").label("latency_state"),
+    ]
+    statement = select(*dimensions, *measures)
+    return trace_filter.apply(statement).group_by(*(literal_column(f"`{d.name}`") for d in dimensions))
+
+
+def priced_totals(hourly: Subquery, keys: tuple[str, ...], granularity: str | None, percentiles: str) -> Select[Any]:
+    """Sum hourly totals per group, pricing each hour's totals at the price in force for that hour."""
+    h = hourly.c
+    priced = join_prices(hourly, h.price_provider, h.price_model, h.price_hour)
+    tokens = Tokens(
+        requests=h.requests,
+        prompt=h.prompt_tokens,
+        completion=h.completion_tokens,
+        cached_input=func.ifNull(h.cached_input_tokens, 0),
+        cache_write=func.ifNull(h.cache_write_tokens, 0),
+        reasoning=func.ifNull(h.reasoning_tokens, 0),
+        cache_over_prompt=h.cache_over_prompt,
+        reasoning_over_completion=h.reasoning_over_completion,
+    )
+    band = func.if_(priced.price("prompt_includes_cached"), h.band_prompt, h.band_with_cache)
+    parts = cost_parts(priced, tokens, band_tier(priced, band))
+    priceable = parts.pop("priceable")
+    platform_paid = and_(priceable, not_(h.price_byok))
+    total = sum(list(parts.values())[1:], start=parts["input_cost"])
+    group_columns: list[ColumnElement[Any]] = [h[key] for key in keys]
+    if granularity is not None:
+        group_columns.insert(0, h.bucket)
+    measures = [
+        func.sum(h.requests).label("requests"),
+        func.sum(h.errors).label("errors"),
+        *(func.sum(h[name]).label(name) for name in _SUMMED),
+        # divide() is ClickHouse's true division (Float64), which SQLAlchemy's "/" on integers does not render.
+        func.divide(func.sum(h.latency_sum), func.sum(h.requests)).label("latency_avg_ms"),
+        literal_column(f"{PERCENTILE_FUNCTIONS[percentiles]}Merge({_LEVELS})(hourly.latency_state)").label(
             "latency_percentiles"
         ),
+        *(func.sumIf(expression, platform_paid).label(name) for name, expression in parts.items()),
+        func.sumIf(total, and_(priceable, h.price_byok)).label("byok_cost"),
+        func.sumIf(h.requests, not_(priceable)).label("unpriced_requests"),
     ]
-    statement = select(*group_columns, *measures).execution_options(settings=USAGE_SETTINGS)
+    statement = (
+        select(*group_columns, *measures)
+        .select_from(priced.from_)
+        .execution_options(settings={**USAGE_SETTINGS, **COST_SETTINGS})
+    )
     if group_columns:
         return statement.group_by(*group_columns).order_by(*group_columns)
-    # Without GROUP BY an aggregate query returns one row even over no traces (zero counts, a NaN or 0 median);
-    # a report over nothing has no rows.
-    return statement.having(func.count() > 0)
+    # Without GROUP BY an aggregate query returns one row even over no traces; a report over nothing has no rows.
+    return statement.having(func.sum(h.requests) > 0)
+
+
+_LEVELS = ", ".join(map(str, PERCENTILES))
+_SUMMED = (
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "request_bytes",
+    "response_bytes",
+)
 
 
 def usage_row(values: Mapping[Any, Any], keys: tuple[str, ...], granularity: str | None) -> UsageRow:
     """Build a :class:`UsageRow` from one result row of :func:`usage_statement`."""
     group = {key: (values[key] or None) if key in _EMPTY_MEANS_NONE else values[key] for key in keys}
     p50, p95, p99 = values["latency_percentiles"]
+    parts = {name: dollars(values[name]) for name in COST_PARTS}
     return UsageRow(
         group=group,
         bucket=_as_bucket(values["bucket"]) if granularity is not None else None,
@@ -186,6 +308,11 @@ def usage_row(values: Mapping[Any, Any], keys: tuple[str, ...], granularity: str
         latency_p50_ms=float(p50),
         latency_p95_ms=float(p95),
         latency_p99_ms=float(p99),
+        cost=sum(parts.values(), start=Decimal(0)),
+        **parts,
+        byok_cost=dollars(values["byok_cost"]),
+        unpriced_requests=values["unpriced_requests"],
+        source="raw",
     )
 
 

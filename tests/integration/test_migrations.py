@@ -56,7 +56,7 @@ EXPECTED_TYPES = {
 PAYLOAD_COLUMNS = {"request_json", "response_json", "llm_config_json"}
 
 
-HEAD = "0003"
+HEAD = "0004"
 
 
 def table_names(engine: Engine) -> set[str]:

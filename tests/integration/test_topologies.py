@@ -63,10 +63,17 @@ REPLICATED_WINDOW = "replicated_deduplication_window = 10000, replicated_dedupli
 # For each topology: the engine of every table the upgrade creates, and its settings, as ClickHouse formats them.
 EXPECTED_TABLES: dict[str, dict[str, tuple[str, str | None]]] = {
     "single": {
+        "llm_model_prices": ("ReplacingMergeTree(updated_at, is_deleted)", None),
         "alembic_version": ("MergeTree", None),
         "llm_traces": ("MergeTree", "non_replicated_deduplication_window = 10000"),
     },
     f"cluster:{CLUSTER}": {
+        # Every host holds the whole price list: one replica group for the cluster, like the version table.
+        "llm_model_prices": (
+            "ReplicatedReplacingMergeTree('/clickhouse/tables/all/{database}/llm_model_prices', '{shard}-{replica}', "
+            "updated_at, is_deleted)",
+            None,
+        ),
         "alembic_version": (
             "ReplicatedMergeTree('/clickhouse/tables/all/{database}/alembic_version', '{shard}-{replica}')",
             "replicated_deduplication_window = 0",
@@ -81,10 +88,12 @@ EXPECTED_TABLES: dict[str, dict[str, tuple[str, str | None]]] = {
         ),
     },
     "replicated": {
+        "llm_model_prices": ("ReplicatedReplacingMergeTree(updated_at, is_deleted)", None),
         "alembic_version": ("ReplicatedMergeTree", "replicated_deduplication_window = 0"),
         "llm_traces": ("ReplicatedMergeTree", REPLICATED_WINDOW),
     },
     "cloud": {
+        "llm_model_prices": ("ReplacingMergeTree(updated_at, is_deleted)", None),
         "alembic_version": ("MergeTree", "replicated_deduplication_window = 0"),
         "llm_traces": ("MergeTree", REPLICATED_WINDOW),
     },
@@ -150,6 +159,13 @@ def is_version_bookkeeping(statement: str) -> bool:
     return target(statement) == "alembic_version" and (statement.startswith("INSERT") or "DELETE WHERE" in statement)
 
 
+def is_data(statement: str) -> bool:
+    """Rows a migration inserts: the version table's, and the default price list (replicated by its table)."""
+    return is_version_bookkeeping(statement) or (
+        statement.startswith("INSERT") and target(statement) == "llm_model_prices"
+    )
+
+
 def line_value(statement: str, keyword: str) -> str | None:
     match = re.search(rf"^{keyword} (.+)$", statement, flags=re.M)
     return match.group(1) if match else None
@@ -160,14 +176,16 @@ def test_every_statement_parses_and_has_the_topologys_structure(engine: Engine, 
     upgrade_sql, downgrade_sql = rendered(topology)
     parsed_upgrade, parsed_downgrade = formatted(engine, upgrade_sql), formatted(engine, downgrade_sql)
     every = parsed_upgrade + parsed_downgrade
-    ddl = [statement for statement in every if not is_version_bookkeeping(statement)]
+    ddl = [statement for statement in every if not is_data(statement)]
     clustered = Topology.parse(topology).distributed
 
     # ON CLUSTER with the configured name on every DDL statement of a cluster, and nowhere else.
     on_cluster = [_ON_CLUSTER.findall(statement) for statement in every]
     if clustered:
         assert all(_ON_CLUSTER.findall(statement) == [f"`{CLUSTER}`"] for statement in ddl), ddl
-        assert all(target(statement).startswith("alembic_version") for statement in every if statement not in ddl)
+        assert all(
+            target(statement) in {"alembic_version", "llm_model_prices"} for statement in every if statement not in ddl
+        )
         assert all(f" {DATABASE}." in statement.split("\n")[0] for statement in ddl)
     for statement, found in zip(every, on_cluster, strict=True):
         if not (clustered and statement in ddl):
@@ -198,7 +216,7 @@ def test_every_statement_parses_and_has_the_topologys_structure(engine: Engine, 
 
     # The downgrade removes the Distributed table before the table it reads.
     drops = [target(s) for s in parsed_downgrade if s.startswith("DROP TABLE")]
-    assert drops == (["llm_traces", "llm_traces_local"] if clustered else ["llm_traces"])
+    assert drops == ["llm_model_prices", *(["llm_traces", "llm_traces_local"] if clustered else ["llm_traces"])]
     assert all(s.endswith(" SYNC") == clustered for s in parsed_downgrade if s.startswith("DROP TABLE"))
 
 
@@ -264,7 +282,7 @@ def test_the_cloud_rendering_runs_on_clickhouse(engine: Engine) -> None:
     assert tables["llm_traces"].startswith("MergeTree PARTITION BY toYYYYMM(created_at)")
     assert tables["llm_traces"].endswith(f"SETTINGS {REPLICATED_WINDOW}, index_granularity = 8192")
     assert tables["alembic_version"].endswith("SETTINGS replicated_deduplication_window = 0, index_granularity = 8192")
-    assert version == ["0003"]
+    assert version == ["0004"]
     check(engine)  # the same columns as the model
 
 
