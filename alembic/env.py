@@ -33,6 +33,7 @@ from llmtrace.engine import DEFAULT_URL, EMBEDDED_SCHEME, ENV_VAR, driver_client
 from llmtrace.engine import parse_embedded_url as embedded_target
 from llmtrace.errors import ConfigurationError
 from llmtrace.record import HIDDEN_COLUMNS, Base
+from llmtrace.rollup import HAND_WRITTEN
 from llmtrace.topology import LOCAL_TABLE_SUFFIX, SINGLE, Topology, configured, resolve
 
 config = context.config
@@ -47,12 +48,16 @@ def include_object(object_: Any, name: str | None, type_: str, reflected: bool, 
     """clickhouse-connect's filter, plus what llmtrace creates outside the declarative model.
 
     Hidden bookkeeping columns (see llmtrace.record) are MATERIALIZED columns that migrations create and the model
-    leaves out on purpose, so autogenerate must neither drop them nor report them as drift. On a cluster, a
+    leaves out on purpose, so autogenerate must neither drop them nor report them as drift. The usage rollup and
+    its materialized view are written by hand in their migrations (autogenerate knows neither aggregate columns
+    nor views), so they are left out too. On a cluster, a
     model table is the Distributed table, and its local table (``<table>_local``) is compared through it.
     """
     if type_ == "column" and reflected and name in HIDDEN_COLUMNS:
         return False
     if type_ == "table" and reflected and name is not None and is_local_table_of_model(name):
+        return False
+    if type_ == "table" and reflected and name is not None and name.removesuffix(LOCAL_TABLE_SUFFIX) in HAND_WRITTEN:
         return False
     return include_clickhouse_object(object_, name, type_, reflected, compare_to)
 

@@ -88,6 +88,7 @@ class SchemaDDL:
         partition_by: str,
         deduplication: Deduplication,
         sharding_key: str,
+        family: str = "MergeTree",
     ) -> list[str]:
         """``CREATE TABLE IF NOT EXISTS`` for a MergeTree-family table (and, on a cluster, its Distributed table).
 
@@ -100,12 +101,14 @@ class SchemaDDL:
             sharding_key: How a cluster's Distributed table picks each row's shard. It must be a function of the
                 row's values alone (no ``rand()``), so that every attempt of an insert sends a row to the same
                 shard, where the insert's deduplication token can recognise it.
+            family: The engine family: ``MergeTree``, or ``AggregatingMergeTree`` for a rollup (its replicated
+                form on replicated topologies).
         """
         settings = ", ".join(f"{name} = {value}" for name, value in deduplication.settings(self.topology).items())
         storage = self.topology.storage_table(table)
         statements = [
             f"CREATE TABLE IF NOT EXISTS {self.name(storage)}{self.topology.on_cluster()} ({', '.join(columns)}) "
-            f"ENGINE = {self._storage_engine(storage)} PARTITION BY {partition_by} ORDER BY {order_by} "
+            f"ENGINE = {self._storage_engine(storage, family)} PARTITION BY {partition_by} ORDER BY {order_by} "
             f"SETTINGS {settings}"
         ]
         if self.topology.distributed:
@@ -156,6 +159,24 @@ class SchemaDDL:
             f"DROP TABLE IF EXISTS {self.name(name)}{self.topology.on_cluster()} SYNC"
             for name in (table, self.topology.storage_table(table))
         ]
+
+    def create_materialized_view(self, view: str, *, target: str, source: str, select: str) -> list[str]:
+        """``CREATE MATERIALIZED VIEW IF NOT EXISTS view TO target AS select`` (``select`` reads ``source``).
+
+        On a cluster the view is created on every host, between the local tables: each shard's inserts into its
+        local ``source`` table reach its local ``target`` table, and readers see every shard through ``target``'s
+        Distributed table. ``select`` names ``source`` as ``{source}``, which is filled in per topology.
+        """
+        source_name = self.name(self.topology.storage_table(source))
+        target_name = self.name(self.topology.storage_table(target))
+        return [
+            f"CREATE MATERIALIZED VIEW IF NOT EXISTS {self.name(view)}{self.topology.on_cluster()} TO {target_name} "
+            f"AS {select.format(source=source_name)}"
+        ]
+
+    def drop_view(self, view: str) -> list[str]:
+        """``DROP VIEW IF EXISTS`` for a view made by :meth:`create_materialized_view`."""
+        return [f"DROP VIEW IF EXISTS {self.name(view)}{self.topology.on_cluster()}"]
 
     # -- changes to existing tables -----------------------------------------------------------------------------
 
@@ -211,12 +232,12 @@ class SchemaDDL:
         """``table`` quoted, and on a cluster qualified with the database."""
         return f"`{self.database}`.`{table}`" if self.topology.distributed else f"`{table}`"
 
-    def _storage_engine(self, storage: str) -> str:
+    def _storage_engine(self, storage: str, family: str = "MergeTree") -> str:
         if self.topology.kind is Kind.CLUSTER:
-            return f"ReplicatedMergeTree('/clickhouse/tables/{{shard}}/{{database}}/{storage}', '{{replica}}')"
+            return f"Replicated{family}('/clickhouse/tables/{{shard}}/{{database}}/{storage}', '{{replica}}')"
         if self.topology.kind is Kind.REPLICATED:
-            return "ReplicatedMergeTree"
-        return "MergeTree"
+            return f"Replicated{family}"
+        return family
 
 
 def migration_ddl() -> SchemaDDL:

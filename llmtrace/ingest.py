@@ -81,6 +81,9 @@ INSERT_SETTINGS = {
     # and deduplication work differently. Both are set rather than assumed.
     "insert_deduplicate": 1,
     "async_insert": 0,
+    # A block ClickHouse drops as a repeat must not reach the usage rollup's materialized view either: the view's
+    # blocks are deduplicated too (older servers default to 0 here).
+    "deduplicate_blocks_in_dependent_materialized_views": 1,
     # On a cluster llm_traces is a Distributed table. Its default is to queue the rows on the server that took
     # the insert and forward them later; synchronously, the insert returns once every shard stored its rows (or
     # fails), so that step 5 counts them. The name every server version accepts (distributed_foreground_insert

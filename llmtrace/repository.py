@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Connection, Engine, func, select
 from tqdm import tqdm
 
 from llmtrace.alter_delete import delete_statement
@@ -25,9 +25,11 @@ from llmtrace.ingest import TraceInput, require_current_schema, validate_traces,
 from llmtrace.model import LLMTrace
 from llmtrace.pagination import Position, TracePage, decode_cursor, encode_cursor
 from llmtrace.record import TABLE_NAME, TRACES_TABLE
+from llmtrace.rollup import answerable, rebuild_statements, refresh_statements
+from llmtrace.rollup import exists as rollup_exists
 from llmtrace.stored_lookup import StoredTraces
 from llmtrace.topology import SINGLE, Topology, configured, deployed, require_embeddable
-from llmtrace.usage import UsageRow, usage_row, usage_statement, validate_grouping
+from llmtrace.usage import USAGE_SOURCES, UsageRow, hour_start, usage_row, usage_statement, validate_grouping
 
 TABLE = TRACES_TABLE
 DEFAULT_BATCH_SIZE = 10_000
@@ -57,6 +59,7 @@ class TraceRepository:
     def __init__(self, engine: Engine, *, topology: Topology | str | None = None) -> None:
         self.engine = engine
         self._schema_checked = False  # whether the table has been seen to be migrated far enough to write
+        self._has_rollup = False  # whether the hourly rollup has been seen to exist
         self._topology = configured(topology, source="topology")
         if self._topology is not None and is_embedded(engine):
             require_embeddable(self._topology)
@@ -267,6 +270,7 @@ class TraceRepository:
         until: datetime | None = None,
         granularity: str | None = None,
         percentiles: str = "exact",
+        source: str = "auto",
         **filters: Any,
     ) -> builtins.list[UsageRow]:
         """Token, byte, error and latency totals per group (and per time bucket).
@@ -281,18 +285,40 @@ class TraceRepository:
             granularity: ``"hour"``, ``"day"`` or ``"month"`` to add a UTC time bucket, or ``None``.
             percentiles: ``"exact"`` latency percentiles (memory grows with the number of traces per group) or
                 ``"approximate"`` ones (a t-digest: bounded memory, usually within about 1%), for reports
-                over very many traces.
+                over very many traces; only approximate ones can come from the hourly rollup.
+            source: Where the totals come from: ``"auto"`` (the hourly rollup whenever it can answer exactly what
+                the traces would, else the traces), ``"raw"`` (always the traces) or ``"rollup"`` (the rollup, or
+                ``ValueError`` saying why it cannot answer). Each row's ``source`` says which answered.
             **filters: The filters of :meth:`list` (agent_id, model, is_error, ...).
 
         Returns:
             One :class:`UsageRow` per group, ordered by bucket then group keys; no rows when no trace matches.
         """
         keys = validate_grouping(group_by, granularity, percentiles)
+        if source not in USAGE_SOURCES:
+            raise ValueError(f"source: unknown value {source!r}; use one of {', '.join(USAGE_SOURCES)}")
         trace_filter = _filter(organization_id, {**filters, "since": since, "until": until}, method="usage")
-        statement = usage_statement(keys, granularity, percentiles, trace_filter)
         with database_errors("computing usage"), self.engine.connect() as connection:
+            chosen = self._usage_source(connection, source, trace_filter, percentiles)
+            statement = usage_statement(keys, granularity, percentiles, trace_filter, chosen)
             rows = connection.execute(statement).mappings().all()
-        return [usage_row(row, keys, granularity) for row in rows]
+        return [usage_row(row, keys, granularity, chosen) for row in rows]
+
+    def _usage_source(self, connection: Connection, asked: str, trace_filter: TraceFilter, percentiles: str) -> str:
+        """``"rollup"`` or ``"raw"``: what answers a report, given what was asked (see :meth:`usage`)."""
+        if asked == "raw":
+            return "raw"
+        reason = answerable(trace_filter, percentiles)
+        if reason is None and not self._has_rollup:
+            # Looked up until found: a database migrated while this repository lives gains it.
+            self._has_rollup = rollup_exists(connection)
+            if not self._has_rollup:
+                reason = "the database has no rollup yet (run the migrations: llmtrace migrate)"
+        if reason is None:
+            return "rollup"
+        if asked == "rollup":
+            raise ValueError(f"source='rollup' cannot answer this report: {reason}")
+        return "raw"
 
     # -- deletes ------------------------------------------------------------------------------------------
 
@@ -325,18 +351,38 @@ class TraceRepository:
         """
         require_organization(organization_id, method="delete")
         trace_filter = TraceFilter(organization_id=organization_id, agent_id=agent_id, run_id=run_id, until=before)
-        counting = trace_filter.apply(select(func.count()).select_from(TABLE))
+        hour = hour_start(TABLE.c.created_at)
+        # How many traces match, and the hours they fall in: the rollup's rows for those hours are redone after.
+        counting = (
+            select(func.count(), func.min(hour), func.max(hour)).select_from(TABLE).where(*trace_filter.clauses())
+        )
         with database_errors("deleting traces"), self.engine.connect() as connection:
             topology = self._deployment(driver_client(connection))
-            matching = int(connection.execute(counting).scalar_one())
+            matching, first_hour, last_hour = connection.execute(counting).one()
             if matching:
                 # On a cluster: the local table, ON CLUSTER (a Distributed table has nothing to delete).
                 removing = delete_statement(TABLE, trace_filter.clauses(), erase=erase, topology=topology)
                 connection.execute(removing, execution_options={"settings": {"mutations_sync": 2}})
-            remaining = int(connection.execute(counting).scalar_one())
+            remaining = int(connection.execute(counting).one()[0])
+            if matching and rollup_exists(connection):
+                for statement in refresh_statements(organization_id, first_hour, last_hour, topology):
+                    connection.execute(statement)
         if remaining:
             raise DatabaseError(f"{remaining} matching trace(s) are still present after the delete; retry it.")
-        return matching
+        return int(matching)
+
+    def rebuild_rollup(self) -> None:
+        """Compute the hourly rollup again from every stored trace.
+
+        Needed only if it was ever filled while traces were being written by the migration that created it
+        (which counts a trace written at that moment twice), or after changing ``llm_traces`` by hand. Reports that
+        read the rollup see it empty while this runs; pause writers, or a trace written meanwhile may be
+        counted twice.
+        """
+        with database_errors("rebuilding the usage rollup"), self.engine.connect() as connection:
+            topology = self._deployment(driver_client(connection))
+            for statement in rebuild_statements(topology):
+                connection.execute(statement)
 
     # -- deployment ---------------------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 from sqlalchemy import Select, and_, func, literal_column, not_, select
 from sqlalchemy.sql import ColumnElement
@@ -23,9 +23,9 @@ from llmtrace.cost import (
     tier_band,
     trace_tokens,
 )
+from llmtrace.filters import TraceFilter
 from llmtrace.record import TRACES_TABLE
-
-SelectT = TypeVar("SelectT", bound=Select[Any])
+from llmtrace.rollup import MICROS_PER_HOUR, PRICING_COLUMNS, ROLLUP_TABLE, rollup_clauses
 
 TABLE = TRACES_TABLE
 GROUP_KEYS = (
@@ -42,6 +42,7 @@ GROUP_KEYS = (
     "billing_customer_id",
 )
 GRANULARITIES = ("hour", "day", "month")
+USAGE_SOURCES = ("auto", "raw", "rollup")
 PERCENTILES = (0.5, 0.95, 0.99)
 # How latency percentiles are computed. "exact" keeps every latency of a group in memory while the query runs;
 # "approximate" (a t-digest) uses a few kilobytes per group, whatever its size, and is usually within about
@@ -155,14 +156,14 @@ def validate_grouping(group_by: Sequence[str], granularity: str | None, percenti
     return keys
 
 
-def bucket_expression(granularity: str) -> ColumnElement[Any]:
-    """The UTC start of the hour, day or month each trace falls in, right over created_at's whole range.
+def bucket_expression(granularity: str, time: ColumnElement[Any] | None = None) -> ColumnElement[Any]:
+    """The UTC start of the hour, day or month each trace (or rollup hour) falls in, right over the whole range.
 
     ClickHouse truncates a DateTime64 before 1970 toward zero when it drops the fraction of a second, so
     1969-12-31 23:59:59.5 would start the hour 1970-01-01 00:00. Flooring to the whole second first, in integer
     microseconds, avoids that; the bucket functions are right on whole seconds.
     """
-    micros = func.toUnixTimestamp64Micro(TABLE.c.created_at)
+    micros = func.toUnixTimestamp64Micro(TABLE.c.created_at if time is None else time)
     whole_second = func.fromUnixTimestamp64Micro(micros - func.positiveModulo(micros, 1_000_000), "UTC")
     if granularity == "hour":
         return func.toStartOfHour(whole_second)
@@ -171,25 +172,52 @@ def bucket_expression(granularity: str) -> ColumnElement[Any]:
     return func.toStartOfMonth(whole_second)
 
 
-class UsageFilter(Protocol):
-    def apply(self, statement: SelectT) -> SelectT: ...
-
-
 def usage_statement(
-    keys: tuple[str, ...], granularity: str | None, percentiles: str, trace_filter: UsageFilter
+    keys: tuple[str, ...], granularity: str | None, percentiles: str, trace_filter: TraceFilter, source: str = "raw"
 ) -> Select[Any]:
     """The report's query: traces summed per hour of each group, those hours priced, then summed per group.
 
     Costs depend on the price in force at each trace's time, and prices change only on whole hours (see
-    llmtrace.prices): pricing each hour's totals is exact, and the hourly totals are the shape the rollup
-    stores, so both sources share the outer query.
+    llmtrace.prices): pricing each hour's totals is exact. The hourly totals come from the traces (``"raw"``)
+    or from the rollup (``"rollup"``, which stores exactly them); the outer query is the same.
     """
-    hourly = hourly_totals(keys, granularity, percentiles, trace_filter).subquery("hourly")
+    if source == "rollup":
+        hourly = rollup_hourly_totals(keys, granularity, trace_filter).subquery("hourly")
+    else:
+        hourly = hourly_totals(keys, granularity, percentiles, trace_filter).subquery("hourly")
     return priced_totals(hourly, keys, granularity, percentiles)
 
 
+def hour_start(time: ColumnElement[Any]) -> ColumnElement[Any]:
+    """The start of the UTC hour ``time`` falls in, as DateTime64(6): integer arithmetic on microseconds, right
+    before 1970 too and independent of session settings (the rollup's view computes its hour the same way)."""
+    micros = func.toUnixTimestamp64Micro(time)
+    return func.fromUnixTimestamp64Micro(micros - func.positiveModulo(micros, MICROS_PER_HOUR), "UTC")
+
+
+def rollup_hourly_totals(keys: tuple[str, ...], granularity: str | None, trace_filter: TraceFilter) -> Select[Any]:
+    """:func:`hourly_totals` read from the rollup: its rows merged per hour and group (see llmtrace.rollup)."""
+    r = ROLLUP_TABLE.c
+    dimensions: list[ColumnElement[Any]] = [r[key] for key in keys]
+    if granularity is not None:
+        dimensions.append(bucket_expression(granularity, r.hour).label("bucket"))
+    dimensions += [
+        r.provider.label("price_provider"),
+        r.model.label("price_model"),
+        r.is_byok.label("price_byok"),
+        r.hour.label("price_hour"),
+        *(r[name] for name in PRICING_COLUMNS),
+    ]
+    measures = [
+        *(func.sum(r[name]).label(name) for name in ("requests", "errors", *_SUMMED, "latency_sum")),
+        literal_column(f"quantilesTDigestMergeState({_LEVELS})(latency_state)").label("latency_state"),
+    ]
+    statement = select(*dimensions, *measures).select_from(ROLLUP_TABLE).where(*rollup_clauses(trace_filter))
+    return statement.group_by(*(literal_column(f"`{d.name}`") for d in dimensions))
+
+
 def hourly_totals(
-    keys: tuple[str, ...], granularity: str | None, percentiles: str, trace_filter: UsageFilter
+    keys: tuple[str, ...], granularity: str | None, percentiles: str, trace_filter: TraceFilter
 ) -> Select[Any]:
     """Per hour and group, the traces' totals, split further by what pricing needs to know of each trace."""
     c = TABLE.c
@@ -201,7 +229,7 @@ def hourly_totals(
         c.provider.label("price_provider"),
         c.model.label("price_model"),
         c.is_byok.label("price_byok"),
-        bucket_expression("hour").label("price_hour"),
+        hour_start(c.created_at).label("price_hour"),
         tier_band(tokens.prompt).label("band_prompt"),
         tier_band(tokens.prompt + tokens.cached_input + tokens.cache_write).label("band_with_cache"),
         tokens.cache_over_prompt.label("cache_over_prompt"),
@@ -286,7 +314,9 @@ _SUMMED = (
 )
 
 
-def usage_row(values: Mapping[Any, Any], keys: tuple[str, ...], granularity: str | None) -> UsageRow:
+def usage_row(
+    values: Mapping[Any, Any], keys: tuple[str, ...], granularity: str | None, source: str = "raw"
+) -> UsageRow:
     """Build a :class:`UsageRow` from one result row of :func:`usage_statement`."""
     group = {key: (values[key] or None) if key in _EMPTY_MEANS_NONE else values[key] for key in keys}
     p50, p95, p99 = values["latency_percentiles"]
@@ -312,7 +342,7 @@ def usage_row(values: Mapping[Any, Any], keys: tuple[str, ...], granularity: str
         **parts,
         byok_cost=dollars(values["byok_cost"]),
         unpriced_requests=values["unpriced_requests"],
-        source="raw",
+        source=source,
     )
 
 

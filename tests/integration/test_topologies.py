@@ -63,11 +63,21 @@ REPLICATED_WINDOW = "replicated_deduplication_window = 10000, replicated_dedupli
 # For each topology: the engine of every table the upgrade creates, and its settings, as ClickHouse formats them.
 EXPECTED_TABLES: dict[str, dict[str, tuple[str, str | None]]] = {
     "single": {
+        "llm_usage_hourly": ("AggregatingMergeTree", "non_replicated_deduplication_window = 10000"),
         "llm_model_prices": ("ReplacingMergeTree(updated_at, is_deleted)", None),
         "alembic_version": ("MergeTree", None),
         "llm_traces": ("MergeTree", "non_replicated_deduplication_window = 10000"),
     },
     f"cluster:{CLUSTER}": {
+        "llm_usage_hourly_local": (
+            "ReplicatedAggregatingMergeTree('/clickhouse/tables/{shard}/{database}/llm_usage_hourly_local', "
+            "'{replica}')",
+            REPLICATED_WINDOW,
+        ),
+        "llm_usage_hourly": (
+            f"Distributed('{CLUSTER}', '{DATABASE}', 'llm_usage_hourly_local', cityHash64(organization_id))",
+            None,
+        ),
         # Every host holds the whole price list: one replica group for the cluster, like the version table.
         "llm_model_prices": (
             "ReplicatedReplacingMergeTree('/clickhouse/tables/all/{database}/llm_model_prices', '{shard}-{replica}', "
@@ -88,17 +98,22 @@ EXPECTED_TABLES: dict[str, dict[str, tuple[str, str | None]]] = {
         ),
     },
     "replicated": {
+        "llm_usage_hourly": ("ReplicatedAggregatingMergeTree", REPLICATED_WINDOW),
         "llm_model_prices": ("ReplicatedReplacingMergeTree(updated_at, is_deleted)", None),
         "alembic_version": ("ReplicatedMergeTree", "replicated_deduplication_window = 0"),
         "llm_traces": ("ReplicatedMergeTree", REPLICATED_WINDOW),
     },
     "cloud": {
+        "llm_usage_hourly": ("AggregatingMergeTree", REPLICATED_WINDOW),
         "llm_model_prices": ("ReplacingMergeTree(updated_at, is_deleted)", None),
         "alembic_version": ("MergeTree", "replicated_deduplication_window = 0"),
         "llm_traces": ("MergeTree", REPLICATED_WINDOW),
     },
 }
-_STATEMENT_KINDS = r"CREATE TABLE(?: IF NOT EXISTS)?|ALTER TABLE|DROP TABLE IF EXISTS|INSERT INTO|DELETE FROM"
+_STATEMENT_KINDS = (
+    r"CREATE TABLE(?: IF NOT EXISTS)?|CREATE MATERIALIZED VIEW(?: IF NOT EXISTS)?|ALTER TABLE|DROP TABLE IF EXISTS|"
+    r"DROP VIEW IF EXISTS|INSERT INTO|DELETE FROM"
+)
 _TARGET = re.compile(rf"^(?:{_STATEMENT_KINDS}) (\S+)")
 _ON_CLUSTER = re.compile(r" ON CLUSTER (`[^`]+`|\S+)")
 LITERAL: dict[str, Any] = {"dialect": ClickHouseDialect(), "compile_kwargs": {"literal_binds": True}}
@@ -160,9 +175,10 @@ def is_version_bookkeeping(statement: str) -> bool:
 
 
 def is_data(statement: str) -> bool:
-    """Rows a migration inserts: the version table's, and the default price list (replicated by its table)."""
+    """Rows a migration inserts: the version table's, the default price list (replicated by its table) and the
+    rollup's first filling (through the Distributed tables on a cluster)."""
     return is_version_bookkeeping(statement) or (
-        statement.startswith("INSERT") and target(statement) == "llm_model_prices"
+        statement.startswith("INSERT") and target(statement) in {"llm_model_prices", "llm_usage_hourly"}
     )
 
 
@@ -184,7 +200,9 @@ def test_every_statement_parses_and_has_the_topologys_structure(engine: Engine, 
     if clustered:
         assert all(_ON_CLUSTER.findall(statement) == [f"`{CLUSTER}`"] for statement in ddl), ddl
         assert all(
-            target(statement) in {"alembic_version", "llm_model_prices"} for statement in every if statement not in ddl
+            target(statement) in {"alembic_version", "llm_model_prices", "llm_usage_hourly"}
+            for statement in every
+            if statement not in ddl
         )
         assert all(f" {DATABASE}." in statement.split("\n")[0] for statement in ddl)
     for statement, found in zip(every, on_cluster, strict=True):
@@ -197,8 +215,13 @@ def test_every_statement_parses_and_has_the_topologys_structure(engine: Engine, 
     for table, (engine_clause, settings) in EXPECTED_TABLES[topology].items():
         assert line_value(creates[table], "ENGINE =") == engine_clause, creates[table]
         assert line_value(creates[table], "SETTINGS") == settings, creates[table]
-    distributed = [table for table, s in creates.items() if "Distributed(" in s]
-    assert distributed == (["llm_traces"] if clustered else [])
+    distributed = sorted(table for table, s in creates.items() if "Distributed(" in s)
+    assert distributed == (["llm_traces", "llm_usage_hourly"] if clustered else [])
+    # The rollup's view reads the table that stores the traces and writes the table that stores the totals.
+    (view,) = [s for s in parsed_upgrade if s.startswith("CREATE MATERIALIZED VIEW")]
+    suffix = "_local" if clustered else ""
+    assert f"TO {DATABASE + '.' if clustered else ''}llm_usage_hourly{suffix}\n" in view, view
+    assert f"FROM {DATABASE + '.' if clustered else ''}llm_traces{suffix} AS t" in view, view
     if clustered:
         assert f"AS {DATABASE}.llm_traces_local" in creates["llm_traces"]
         assert "rand" not in creates["llm_traces"]  # a deterministic key: retries reach the same shard
@@ -216,7 +239,11 @@ def test_every_statement_parses_and_has_the_topologys_structure(engine: Engine, 
 
     # The downgrade removes the Distributed table before the table it reads.
     drops = [target(s) for s in parsed_downgrade if s.startswith("DROP TABLE")]
-    assert drops == ["llm_model_prices", *(["llm_traces", "llm_traces_local"] if clustered else ["llm_traces"])]
+    assert drops == [
+        *(["llm_usage_hourly", "llm_usage_hourly_local"] if clustered else ["llm_usage_hourly"]),
+        "llm_model_prices",
+        *(["llm_traces", "llm_traces_local"] if clustered else ["llm_traces"]),
+    ]
     assert all(s.endswith(" SYNC") == clustered for s in parsed_downgrade if s.startswith("DROP TABLE"))
 
 
@@ -282,7 +309,7 @@ def test_the_cloud_rendering_runs_on_clickhouse(engine: Engine) -> None:
     assert tables["llm_traces"].startswith("MergeTree PARTITION BY toYYYYMM(created_at)")
     assert tables["llm_traces"].endswith(f"SETTINGS {REPLICATED_WINDOW}, index_granularity = 8192")
     assert tables["alembic_version"].endswith("SETTINGS replicated_deduplication_window = 0, index_granularity = 8192")
-    assert version == ["0004"]
+    assert version == ["0005"]
     check(engine)  # the same columns as the model
 
 
