@@ -58,26 +58,20 @@ EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)  # created_at's lowest value
 LATEST = datetime(2299, 12, 31, 23, tzinfo=UTC)
 # Input-token thresholds a tiered price may use (a tier applies to the whole request once its input passes the
 # threshold). The hourly rollup counts each hour's traces by how many of these thresholds their input passes,
-# so a tier on any of them is priced exactly there. They cover every threshold in genai-prices' list and the
-# context sizes providers price by.
+# so a tier on any of them is priced exactly there; each threshold splits the rollup's rows, so the list holds
+# those genai-prices uses and the common context sizes above them, nothing below 32k.
 TIER_THRESHOLDS = (
-    0,
-    8_000,
-    16_000,
     32_000,
-    64_000,
     100_000,
     128_000,
     199_999,
     200_000,
     256_000,
     272_000,
-    500_000,
     512_000,
     524_288,
     1_000_000,
     1_048_576,
-    2_000_000,
 )
 # How a provider's API counts tokens, for the providers whose count differs from the usual one (the prompt
 # count includes cache reads and writes; the completion count includes reasoning). The defaults of a price row;

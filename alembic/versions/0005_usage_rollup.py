@@ -71,14 +71,11 @@ GROUP_KEYS = (
     "billing_plan_type, billing_cost_source, billing_customer_id"
 )
 # Tier thresholds of prices (llmtrace.prices.TIER_THRESHOLDS when this migration was written).
-LADDER = (
-    "[0, 8000, 16000, 32000, 64000, 100000, 128000, 199999, 200000, 256000, 272000, 500000, 512000, 524288, "
-    "1000000, 1048576, 2000000]"
-)
+LADDER = "[32000, 100000, 128000, 199999, 200000, 256000, 272000, 512000, 524288, 1000000, 1048576]"
 WITH_CACHE = (
     "toInt64(t.prompt_tokens) + toInt64(ifNull(t.cached_input_tokens, 0)) + toInt64(ifNull(t.cache_write_tokens, 0))"
 )
-BAND = "toUInt8(arrayCount((threshold, size) -> size > threshold, " + LADDER + ", arrayWithConstant(17, {size})))"
+BAND = "toUInt8(arrayCount((threshold, size) -> size > threshold, " + LADDER + ", arrayWithConstant(11, {size})))"
 SELECT = (
     f"SELECT {GROUP_KEYS}, "
     "fromUnixTimestamp64Micro(toUnixTimestamp64Micro(t.created_at) - "

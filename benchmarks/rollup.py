@@ -1,0 +1,176 @@
+"""Usage reports from the hourly rollup against a scan of the traces, over millions of traces.
+
+Traces are generated inside ClickHouse (INSERT ... SELECT from numbers()), so that ten million take a minute
+rather than an hour of Python: a skewed multi-tenant platform (Zipf-like organizations, a few agents each,
+five models, 90 days, small payloads), written through the table's materialized view like any insert. Each
+report runs with ``source="raw"`` and ``source="rollup"`` (approximate percentiles on both), results are
+compared (everything but the percentiles must be equal), and the medians of ``--rounds`` runs are printed with
+the speed-up. It also prints what the view costs an insert: the same INSERT ... SELECT with and without it.
+
+    .venv/bin/python benchmarks/rollup.py --traces 10000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, text
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import drop, fresh_engine
+
+from llmtrace import ALL_ORGANIZATIONS, TraceRepository, UsageRow
+from llmtrace.rollup import ROLLUP_TABLE_NAME, ROLLUP_VIEW_NAME
+
+END = datetime(2026, 11, 20, tzinfo=UTC)
+DAYS = 90
+# 2,000 organizations; organization n gets traffic in proportion to about 1/n (Zipf): org-1 is the heaviest.
+# The column list names what is inserted; model_index is a helper the SELECT computes and leaves out.
+GENERATE = """
+INSERT INTO llm_traces (id, organization_id, project_id, agent_id, agent_tags, run_id, step_id, trace_id,
+    call_type, provider, model, is_byok, prompt_tokens, completion_tokens, total_tokens, cached_input_tokens,
+    cache_write_tokens, reasoning_tokens, latency_ms, is_error, error_type, error_message, request_json,
+    response_json, llm_config_json, request_size_bytes, response_size_bytes, created_at)
+SELECT * EXCEPT model_index FROM (SELECT
+    toString(generateUUIDv4()) AS id,
+    concat('org-', toString(toUInt32(floor(exp(log(2000) * (rand(1) / 4294967295.0)))))) AS organization_id,
+    concat('project-', organization_id) AS project_id,
+    concat(organization_id, '-agent-', toString(rand(2) % 5)) AS agent_id,
+    ['bench'] AS agent_tags,
+    concat('run-', toString(number % 100000)) AS run_id,
+    concat('step-', toString(number)) AS step_id,
+    lower(hex(rand64(3))) AS trace_id,
+    -- As on a real platform, an agent has one job and (mostly) one model, and BYOK is an organization's choice.
+    ['agent_step', 'agent_step', 'agent_step', 'summarization', 'agent_step'][cityHash64(agent_id) % 5 + 1]
+        AS call_type,
+    if(rand(5) % 10 = 0, rand(14) % 5, cityHash64(agent_id, 'model') % 5) AS model_index,
+    ['openai', 'openai', 'anthropic', 'anthropic', 'google'][model_index + 1] AS provider,
+    ['gpt-4.1', 'gpt-4.1-mini', 'claude-sonnet-4', 'claude-haiku-4-5', 'gemini-2.5-pro'][model_index + 1] AS model,
+    cityHash64(organization_id, 'byok') % 10 = 0 AS is_byok,
+    50 + rand(7) % 20000 AS prompt_tokens,
+    10 + rand(8) % 2000 AS completion_tokens,
+    prompt_tokens + completion_tokens AS total_tokens,
+    if(provider = 'anthropic', toNullable(rand(9) % 5000), NULL) AS cached_input_tokens,
+    CAST(NULL, 'Nullable(UInt32)') AS cache_write_tokens,
+    if(provider = 'openai', toNullable(rand(10) % completion_tokens), NULL) AS reasoning_tokens,
+    150 + rand(11) % 30000 AS latency_ms,
+    rand(12) % 50 = 0 AS is_error,
+    '' AS error_type, '' AS error_message,
+    '{"messages": [{"role": "user", "content": "hello"}]}' AS request_json,
+    '{"content": "hi"}' AS response_json,
+    '{"temperature": 0.7}' AS llm_config_json,
+    length(request_json) AS request_size_bytes,
+    length(response_json) AS response_size_bytes,
+    fromUnixTimestamp64Micro(END_MICROS - toInt64(rand64(13) % SPAN_MICROS), 'UTC') AS created_at
+FROM numbers(COUNT))
+"""
+
+
+def generate(engine: Engine, count: int, chunk: int = 1_000_000) -> float:
+    """Insert ``count`` traces in chunks; returns the seconds it took."""
+    end_micros = int(END.timestamp() * 1_000_000)
+    span_micros = DAYS * 86_400 * 1_000_000
+    started = time.perf_counter()
+    with engine.connect() as connection:
+        for done in range(0, count, chunk):
+            values = {"END_MICROS": end_micros, "SPAN_MICROS": span_micros, "COUNT": min(chunk, count - done)}
+            statement = GENERATE
+            for name, value in values.items():
+                statement = statement.replace(name, str(value))
+            connection.execute(text(statement))
+            print(f"  {done + min(chunk, count - done):>12,} traces", end="\r", flush=True)
+    print()
+    return time.perf_counter() - started
+
+
+def comparable(rows: list[UsageRow]) -> list[dict[str, Any]]:
+    skip = {"source", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms"}
+    return [{name: value for name, value in row.__dict__.items() if name not in skip} for row in rows]
+
+
+def median_seconds(action: Callable[[], object], rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--traces", type=int, default=10_000_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+
+    # What the view costs an insert: the same generated traces into a table with and without it.
+    sample = min(args.traces, 1_000_000)
+    with_view = fresh_engine()
+    seconds_with = generate(with_view, sample)
+    drop(with_view)
+    without_view = fresh_engine()
+    with without_view.connect() as connection:
+        connection.execute(text(f"DROP VIEW {ROLLUP_VIEW_NAME}"))
+    seconds_without = generate(without_view, sample)
+    drop(without_view)
+    print(
+        f"insert {sample:,} traces: {seconds_without:.1f} s without the view, {seconds_with:.1f} s with it "
+        f"-> {seconds_without / seconds_with:.2f}x the throughput"
+    )
+
+    engine = fresh_engine()
+    print(f"generating {args.traces:,} traces over {DAYS} days")
+    generate(engine, args.traces)
+    with engine.connect() as connection:
+        connection.execute(text("OPTIMIZE TABLE llm_traces FINAL"))
+        connection.execute(text(f"OPTIMIZE TABLE {ROLLUP_TABLE_NAME} FINAL"))
+        rollup_rows = connection.execute(text(f"SELECT count() FROM {ROLLUP_TABLE_NAME}")).scalar_one()
+    print(f"rollup rows: {rollup_rows:,} ({args.traces / rollup_rows:.0f} traces per row)")
+    repository = TraceRepository(engine)
+    since = END - timedelta(days=DAYS + 1)
+    reports = {
+        "by model, all organizations": {"organization_id": ALL_ORGANIZATIONS, "group_by": ("model",)},
+        "by model and day, all organizations": {
+            "organization_id": ALL_ORGANIZATIONS,
+            "group_by": ("model",),
+            "granularity": "day",
+        },
+        "by model, heaviest organization": {"organization_id": "org-1", "group_by": ("model",)},
+        "by model and day, heaviest organization": {
+            "organization_id": "org-1",
+            "group_by": ("model",),
+            "granularity": "day",
+        },
+        "by agent and day, one small organization": {
+            "organization_id": "org-50",
+            "group_by": ("agent_id",),
+            "granularity": "day",
+        },
+    }
+    print(f"median of {args.rounds} runs, approximate percentiles on both:")
+    for name, report in reports.items():
+
+        def run(source: str, report: dict[str, Any] = report) -> list[UsageRow]:
+            return repository.usage(since=since, percentiles="approximate", source=source, **report)
+
+        raw_rows, rollup_rows_ = run("raw"), run("rollup")
+        equal = comparable(raw_rows) == comparable(rollup_rows_)
+        raw = median_seconds(lambda: run("raw"), args.rounds)
+        rolled = median_seconds(lambda: run("rollup"), args.rounds)
+        print(
+            f"  {name:<42} raw {raw * 1000:8.0f} ms   rollup {rolled * 1000:6.0f} ms   "
+            f"{raw / rolled:6.1f}x faster   results equal: {equal}"
+        )
+        if not equal:
+            sys.exit(f"the rollup's answer differs from the traces' for {name}")
+
+
+if __name__ == "__main__":
+    main()
