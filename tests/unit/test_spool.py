@@ -141,7 +141,12 @@ def test_items_the_model_rejects_are_reported_with_the_valid_ones_kept(
 
 
 @pytest.mark.parametrize(
-    ("body", "problem"), [(b'{"traces": []}', "not a list of traces"), (b"\xff\xfe not json", "not JSON")]
+    ("body", "problem"),
+    [
+        (b'{"traces": []}', "not a list of traces"),
+        (b"\xff\xfe not json", "not JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, "RecursionError"),  # the decoder raises beyond its own errors
+    ],
 )
 def test_a_record_that_is_not_a_list_of_traces_is_reported_whole(tmp_path: Path, body: bytes, problem: str) -> None:
     path = tmp_path / "a.spool"

@@ -1,10 +1,8 @@
-"""Review: a spool record whose reading raises something else than the format's own errors blocks all later files.
+"""A spool record whose decoding raises (not only the format's own errors) is set aside, and blocks nothing.
 
 A record with a valid frame and checksum whose body is JSON nested deeper than Python's recursion limit makes
-``json.loads`` raise RecursionError inside the reader. The replayer treats that as an "unexpected error": the pass is
-abandoned, the file is neither quarantined nor skipped, and every pass starts again from the oldest file, so every
-later spool file (here: 5 good traces) is never replayed. The README promises that damaged or unreadable records
-are set aside in the quarantine, "never retried forever", and that nothing blocks the files behind them.
+``json.loads`` raise RecursionError inside the reader. The record is moved to the quarantine like any other
+unreadable record, counted once, and the spool files behind it are replayed.
 """
 
 from __future__ import annotations
