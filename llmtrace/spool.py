@@ -20,7 +20,8 @@ publication) to skip other destinations' files without locking them. It then tak
 without waiting (a file still held is skipped) and checks that the path still names the inode it locked:
 if another replayer finished the file and removed it in between, the path is gone or names another file,
 and this one is skipped. A claimed file is replayed, then removed (while still locked) and the directory
-fsynced. A ``*.spool`` path that is not a spool file (a directory, someone else's file) is never touched;
+fsynced. A ``*.spool`` path that is not a spool file (a directory, someone else's file) is never touched,
+and one that is not a regular file (a named pipe, a device, a symbolic link) is not even opened;
 a spool file whose header is damaged, so whose destination is unknown, is moved whole into the quarantine.
 
 Several processes, and several destinations, can share one directory: each replays only files whose header
@@ -283,9 +284,9 @@ def _age_key(path: Path) -> tuple[str, str]:
 
 def _remove_if_stale(path: Path) -> None:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return
+        fd = open_regular_file(path)
+    except (OSError, NotARegularFile):
+        return  # not ours to remove (a named pipe, a directory, a symbolic link), or gone
     try:
         if time.time() - os.fstat(fd).st_mtime < STALE_TEMPORARY_SECONDS:
             return
@@ -298,6 +299,47 @@ def _remove_if_stale(path: Path) -> None:
         return
     finally:
         os.close(fd)
+
+
+class NotARegularFile(Exception):  # noqa: N818 (a reason, like NotClaimable)
+    """A path in the spool directory that is not a regular file (a directory, a named pipe, a device, a link)."""
+
+
+def open_regular_file(path: Path) -> int:
+    """Open ``path`` for reading without ever blocking, following no link, and only if it is a regular file.
+
+    A named pipe opened for reading would wait until someone opens it for writing (for ever, on the writer's
+    thread), and a device may do anything when opened: such paths are checked with ``lstat`` and never opened.
+    The open itself is non-blocking, in case the path changed in between, and the open file is checked again.
+
+    Raises:
+        NotARegularFile: The path is not a regular file; it was left exactly as it is.
+        OSError: The path is gone (``FileNotFoundError``) or could not be opened.
+    """
+    mode = os.lstat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise NotARegularFile(_kind_of(mode))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # replaced by a symbolic link since the lstat
+            raise NotARegularFile("a symbolic link, not a spool file") from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise NotARegularFile(_kind_of(mode))
+    return fd
+
+
+def _kind_of(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory, not a spool file"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe, not a spool file"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link, not a spool file"
+    return "not a regular file"
 
 
 class NotClaimable(Exception):  # noqa: N818 (a reason, not a failure)
@@ -329,15 +371,13 @@ def claim(path: Path, *, destination: str) -> ClaimedFile | None:
         OSError: The file could not be opened or locked for another reason.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_regular_file(path)
     except FileNotFoundError:
         return None
-    except IsADirectoryError:
-        raise NotClaimable("a directory, not a spool file", kind="foreign") from None
+    except NotARegularFile as exc:
+        raise NotClaimable(str(exc), kind="foreign") from None
     try:
         opened = os.fstat(fd)
-        if not stat.S_ISREG(opened.st_mode):
-            raise NotClaimable("not a regular file", kind="foreign")
         try:
             header, start = read_file_header(fd)
         except NotASpoolFile as exc:
@@ -423,8 +463,8 @@ class Quarantine:
             Whether it was moved (``False``: another process holds it, or it is gone).
         """
         try:
-            handle = open(path, "rb")  # noqa: SIM115 (closed below, after the move)
-        except FileNotFoundError:
+            handle = open(open_regular_file(path), "rb")  # noqa: SIM115 (closed below, after the move)
+        except (FileNotFoundError, NotARegularFile):
             return False
         with handle:
             try:

@@ -1,11 +1,7 @@
-"""Review: a named pipe called ``*.spool`` in the spool directory stops the writer for good.
+"""A named pipe called ``*.spool`` in the spool directory is left alone, and does not stop the writer.
 
-claim() opens every ``*.spool`` path with a blocking os.open() before it checks that the path is a regular file.
-Opening a FIFO for reading waits until someone opens it for writing, so the writer's thread, doing its start-up
-replay, blocks there for ever: no batch is written again, flush() never completes, and with the default overflow
-policy submit() eventually blocks the caller too. The README promises that a ``*.spool`` path that is not a spool
-file is left alone with one warning, and that nothing stops the writer's thread. (The same holds for a FIFO named
-``.*.spool.tmp``, which the stale-temporary clean-up opens the same way.)
+Opening a FIFO for reading waits until someone opens it for writing; replay checks a path with ``lstat`` before
+opening it, so the writer's thread never opens the pipe, and batches keep flowing.
 """
 
 from __future__ import annotations
