@@ -32,6 +32,7 @@ import os
 import random
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -307,8 +308,11 @@ class TraceWriter:
         )
         self._last_error: str | None = None
 
+        self._pid = os.getpid()
+        self._forked_from: int | None = None  # the pid of the process that created it, in a forked child
         self._thread = threading.Thread(target=self._run, name="llmtrace-writer", daemon=True)
         self._thread.start()
+        _live_writers.add(self)
         exit_hook.close_at_exit(self)
 
     # -- the caller's side --------------------------------------------------------------------------------
@@ -347,6 +351,13 @@ class TraceWriter:
 
     def _check_accepting(self) -> None:
         """Raise if traces can no longer be accepted (lock held)."""
+        if self._forked_from is not None:
+            raise WriterStopped(
+                f"This TraceWriter was created in process {self._forked_from}, before this process forked from it; "
+                "its thread, buffer and connections stayed there, so it accepts no traces here. Create the writer "
+                "after the fork, in the process that uses it (e.g. in gunicorn's post_fork hook or the worker's "
+                "start-up, or with multiprocessing's 'spawn' start method)."
+            )
         if self._stopped is not None:
             raise WriterStopped(
                 f"This TraceWriter's thread stopped on an unexpected error ({self._stopped!r}); it accepts no "
@@ -524,6 +535,40 @@ class TraceWriter:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    # -- fork -------------------------------------------------------------------------------------------------
+
+    def _after_fork_in_child(self) -> None:
+        """In a child forked from the writer's process: let go of everything that belongs to the parent.
+
+        Only the forking thread survives a fork, so the writer's thread is gone here, and its locks may have been
+        held by it at that instant: they are made anew. The buffer, the batch in flight and the counters are the
+        parent's (the parent writes those traces), so the child's writer starts empty, accepts nothing
+        (:meth:`submit` raises :class:`WriterStopped`), and its ``flush`` and ``close`` return at once.
+        """
+        self._forked_from = self._pid
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._wake_writer = threading.Condition(self._lock)
+        self._room = threading.Condition(self._lock)
+        self._progress = threading.Condition(self._lock)
+        self._spool_lock = threading.Lock()
+        self._give_up = threading.Event()
+        self._give_up.set()
+        self._closing = True
+        self._sealed.clear()
+        self._open = []
+        self._overflow = []
+        self._depth = self._in_transit = 0
+        self._in_flight = None
+        self._enqueued = self._settled = self._flush_target = 0
+        self._tickets_issued = self._tickets_done_upto = 0
+        self._tickets_done = set()
+        self._dropped_unreported = 0
+        self._unreported = []
+        self._counts = dict.fromkeys(self._counts, 0)
+        self._last_error = None
+        exit_hook.forget(self)
 
     # -- the writer's thread ------------------------------------------------------------------------------
 
@@ -864,6 +909,20 @@ class TraceWriter:
                 self.on_error(event)
             except Exception:
                 logger.exception("llmtrace: the on_error callback raised")
+
+
+# Every writer of this process, for the fork handler below.
+_live_writers: weakref.WeakSet[TraceWriter] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for writer in list(_live_writers):
+        if writer._forked_from is None:
+            writer._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _freeze(trace: LLMTrace | Mapping[str, Any]) -> _Frozen:
