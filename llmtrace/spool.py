@@ -172,6 +172,17 @@ class Spool:
         vanished, self._vanished = self._vanished, 0
         return vanished
 
+    def forget_after_fork(self) -> None:
+        """In a forked child: close this process's copy of the parent's file, leaving the file to the parent.
+
+        The copy shares the parent's lock; kept open, it would hold the file locked after the parent let go.
+        """
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        self._fd, self._path, self._size, self._traces, self._unsynced = None, None, 0, 0, False
+        self._vanished = 0
+
     def _publish_new_file(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         name = f"{time.time_ns():019d}-{os.getpid()}-{uuid.uuid4().hex[:12]}"

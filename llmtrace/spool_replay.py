@@ -222,6 +222,13 @@ class SpoolReplayer:
             self._file = None
         self._end_pass()
 
+    def forget_after_fork(self) -> None:
+        """In a forked child: close this process's copy of the file the parent is replaying (see ``Spool``)."""
+        if self._file is not None:
+            self._file.claimed.release()
+            self._file = None
+        self._pending = None
+
     # -- a pass -------------------------------------------------------------------------------------------
 
     def run(self, pause: Callable[[], bool]) -> None:

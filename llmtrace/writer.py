@@ -544,7 +544,10 @@ class TraceWriter:
         Only the forking thread survives a fork, so the writer's thread is gone here, and its locks may have been
         held by it at that instant: they are made anew. The buffer, the batch in flight and the counters are the
         parent's (the parent writes those traces), so the child's writer starts empty, accepts nothing
-        (:meth:`submit` raises :class:`WriterStopped`), and its ``flush`` and ``close`` return at once.
+        (:meth:`submit` raises :class:`WriterStopped`), and its ``flush`` and ``close`` return at once. The
+        child's copies of the spool's file descriptors are closed: a lock (``flock``) belongs to every copy of
+        a descriptor, so a copy kept by a long-lived child would keep the parent's spool file locked, and
+        unreplayable, after the parent let go of it.
         """
         self._forked_from = self._pid
         self._pid = os.getpid()
@@ -568,6 +571,10 @@ class TraceWriter:
         self._unreported = []
         self._counts = dict.fromkeys(self._counts, 0)
         self._last_error = None
+        if self._spool is not None:
+            self._spool.forget_after_fork()
+        if self._replayer is not None:
+            self._replayer.forget_after_fork()
         exit_hook.forget(self)
 
     # -- the writer's thread ------------------------------------------------------------------------------

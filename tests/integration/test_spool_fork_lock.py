@@ -1,10 +1,9 @@
-"""Review: a process forked while a writer holds a spool file keeps that file locked, so nobody can replay it.
+"""A process forked while a writer holds a spool file does not keep that file locked.
 
 Spool files are opened with O_CLOEXEC, which protects exec() but not fork(): a child forked without exec
 (multiprocessing's fork start method, a gunicorn --preload master's workers) inherits the descriptor and with it the
-flock, which belongs to the shared open file description. When the parent rotates or closes the file, the child's
-copy keeps it locked, and every replayer skips it as "still being appended to" for as long as the child lives (here
-the 20 spooled traces stay unreplayed until the child is killed, and are stored at once after).
+flock, which belongs to every copy of the descriptor. The writer closes the child's copies right after the fork, so
+once the parent rotates the file, a replayer can claim it while the child still lives.
 
 Runs in a fresh interpreter (the test process hosts chDB for its own directory) with deadlines.
 """
@@ -26,10 +25,10 @@ from tests.writer_support import refused_repository, stored, traces
 
 root = Path(sys.argv[1])
 spool = root / "spool"
-engine = get_engine(f"chdb:///{root}/chdb?database=review_fork_lock")
+engine = get_engine(f"chdb:///{root}/chdb?database=spool_fork_lock")
 upgrade(engine)
 # An outage: the writer spools 20 traces to a file it keeps open (and locked) for further appends.
-outage = TraceWriter(refused_repository("review_fork_lock"), spool_dir=spool, max_retries=0, flush_interval=0.05)
+outage = TraceWriter(refused_repository("spool_fork_lock"), spool_dir=spool, max_retries=0, flush_interval=0.05)
 for trace in traces(20):
     outage.submit(trace)
 assert outage.flush(timeout=30)
