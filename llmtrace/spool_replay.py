@@ -197,6 +197,11 @@ class SpoolReplayer:
         """Whether a pass is under way (and was paused, or is about to start)."""
         return self._pending is not None
 
+    @property
+    def healthy(self) -> bool:
+        """Whether the last write to the destination, live or replayed, succeeded."""
+        return self._healthy
+
     def request(self) -> None:
         """Start a pass at the next opportunity (e.g. the database answered again after spooling)."""
         self._requested = True

@@ -8,7 +8,9 @@ The no-loss path, in the order a trace takes it:
 2. **Retries** (this module). The thread writes batches with ``TraceRepository.add_many``. A transient
    failure (``DatabaseError.transient``, or an error that cannot be classified) is retried with backoff, as
    the same batch, so the repository's insert deduplication makes every retry exactly-once; a permanent one
-   is not retried: the batch goes to the spool at once.
+   is not retried: the batch goes to the spool at once. With a spool, a batch that exhausts its retries opens
+   the outage breaker: later batches are spooled without retries, and a single attempt probes the database
+   every ``max_backoff`` seconds, so that an outage drains the buffer at the spool's speed.
 3. **Spool** (:mod:`llmtrace.spool`, format in :mod:`llmtrace.spool_format`). Batches that could not be
    written are appended to checksummed files in ``spool_dir``; a file is published atomically, already
    locked, and rotated by size.
@@ -168,6 +170,13 @@ class WriterEvent:
     error: BaseException | None = None
 
 
+class _OutageContinues(Exception):  # noqa: N818 (a reason, given to on_error)
+    """A batch spooled without a write attempt: the database failed every recent attempt (the outage breaker)."""
+
+    def __init__(self, last_error: str | None) -> None:
+        super().__init__(f"the database is still failing; last error: {last_error}")
+
+
 _SERIOUS = frozenset({"failed", "unconfirmed", "dropped", "spool_lost", "quarantined", "unreadable", "error"})
 
 
@@ -205,11 +214,14 @@ class TraceWriter:
         overflow: What ``submit`` does when the buffer is full: ``"block"`` (wait up to ``submit_timeout``,
             then raise :class:`WriterQueueFull`), ``"drop_oldest"``, ``"drop_newest"``, or ``"spool"``
             (collect overflowing traces into records of ``OVERFLOW_RECORD_TRACES`` and write each to
-            ``spool_dir`` on the caller's thread that fills it; the writer's thread fsyncs them).
+            ``spool_dir`` on the caller's thread that fills it; the writer's thread fsyncs them). While the
+            database is down (see ``max_backoff``), ``"block"`` with a ``spool_dir`` spools like ``"spool"``.
         spool_dir: Directory for batches that cannot be written; ``None`` means they are lost (and logged).
         max_retries: Retries of a transiently failing batch before it is spooled (or lost).
         retry_backoff: First retry delay in seconds; doubles on each retry, with +/-50% jitter.
-        max_backoff: Cap on the retry delay, in seconds.
+        max_backoff: Cap on the retry delay, in seconds. With a ``spool_dir``, also the interval between write
+            attempts once a batch has exhausted its retries: until one succeeds (live or replayed), batches are
+            spooled at once, without retries.
         submit_timeout: For ``overflow="block"``: seconds ``submit`` waits for room; ``None`` waits forever.
         on_error: Called on the writer's thread with a :class:`WriterEvent` for every problem; exceptions
             it raises are logged and ignored.
@@ -301,6 +313,12 @@ class TraceWriter:
         self._stopped: BaseException | None = None
         self._give_up = threading.Event()
         self._spooled_since_success = False
+        # The outage breaker (with a spool only): set when a batch exhausted its retries on a transient failure.
+        # While it is set, batches go to the spool at once, one write attempt (a probe) is made at most every
+        # max_backoff seconds, and a full buffer spools instead of blocking submit(). Cleared by any successful
+        # write, live or replayed.
+        self._outage = False
+        self._next_probe_at = 0.0
         self._dropped_unreported = 0
         self._unreported: list[WriterEvent] = []
         self._counts = dict.fromkeys(
@@ -368,9 +386,12 @@ class TraceWriter:
 
     def _make_room(self, wait: float | None) -> Literal["queue", "spool", "drop"]:
         """Apply the overflow policy to a full buffer (lock held); say what to do with the new trace."""
+        if self.overflow == "block" and self._outage:
+            return "spool"  # the database is down and a spool is set: what it is for, rather than blocking
         if self.overflow == "block":
             has_room = self._room.wait_for(
-                lambda: self._depth < self.max_queue or self._closing or self._stopped is not None, timeout=wait
+                lambda: self._depth < self.max_queue or self._closing or self._stopped is not None or self._outage,
+                timeout=wait,
             )
             if not has_room:
                 raise WriterQueueFull(
@@ -382,7 +403,7 @@ class TraceWriter:
                 if self._stopped is None:
                     raise WriterClosed("This TraceWriter closed while submit() waited for room.")
                 self._check_accepting()
-            return "queue"
+            return "spool" if self._depth >= self.max_queue else "queue"
         if self.overflow == "spool":
             return "spool"
         self._counts["dropped"] += 1
@@ -629,6 +650,8 @@ class TraceWriter:
             wait = min(wait, self._overflow_since + self.flush_interval - now)
         if self._replayer is not None:
             wait = min(wait, self._replayer.seconds_until_due(now))
+        if self._outage:
+            wait = min(wait, self._next_probe_at - now)
         return wait
 
     def _chores(self) -> None:
@@ -636,8 +659,17 @@ class TraceWriter:
         self._guarded("spooling overflowing traces", self._spool_overflow, True)
         self._guarded("syncing the spool", self._sync_spool)
         self._report_pending()
-        if self._replayer is not None and self._replayer.due(time.monotonic()):
+        if self._replayer is None:
+            return
+        now = time.monotonic()
+        if self._outage and now >= self._next_probe_at:
+            # No live batch came to probe the database with: a replay pass does (a write like any other).
+            self._next_probe_at = now + self.max_backoff
+            self._replayer.request()
+        if self._replayer.due(now):
             self._guarded("replaying the spool", self._replayer.run, self._live_work_waits)
+            if self._replayer.healthy:
+                self._end_outage()
 
     def _live_work_waits(self) -> bool:
         """Whether a replay pass should pause for live traffic (or a close)."""
@@ -648,6 +680,12 @@ class TraceWriter:
 
     def _write(self, batch: _Batch) -> None:
         traces = _thaw_all(batch.traces)
+        if self._outage and self._replayer is not None and self._replayer.healthy:
+            self._end_outage()  # a replayed insert succeeded: the database answers again
+        probe = self._outage
+        if probe and time.monotonic() < self._next_probe_at:
+            self._abandon(batch, _OutageContinues(self._last_error), traces)
+            return
         attempt = 0
         while True:
             try:
@@ -656,7 +694,9 @@ class TraceWriter:
                 retry = self._note_failure(exc, first=attempt == 0)
                 # Once an attempt may have stored the batch, only a later confirmation or replay can say it did not.
                 batch.maybe_stored = batch.maybe_stored or isinstance(exc, WriteUnconfirmed)
-                if not retry or attempt >= self.max_retries or self._give_up.is_set():
+                if not retry or attempt >= self.max_retries or self._give_up.is_set() or probe:
+                    if retry and self._spool is not None:
+                        self._start_outage(probe)
                     self._abandon(batch, exc, traces)
                     return
                 attempt += 1
@@ -671,6 +711,25 @@ class TraceWriter:
             else:
                 self._written(batch, stored)
                 return
+
+    def _start_outage(self, probe: bool) -> None:
+        """A batch exhausted its retries (or a probe failed): spool the next batches at once until a probe works."""
+        self._next_probe_at = time.monotonic() + self.max_backoff
+        if not probe:
+            with self._lock:
+                self._outage = True
+                self._room.notify_all()
+            logger.warning(
+                "llmtrace: the database keeps failing; batches go to the spool without retries, and one write is "
+                "tried every %.1f s until it succeeds",
+                self.max_backoff,
+            )
+
+    def _end_outage(self) -> None:
+        with self._lock:
+            was, self._outage = self._outage, False
+        if was:
+            logger.warning("llmtrace: the database answers again; batches are written (and retried) as usual")
 
     def _note_failure(self, exc: Exception, *, first: bool) -> bool:
         """Record a failed write; return whether retrying it may help."""
@@ -694,6 +753,7 @@ class TraceWriter:
     def _written(self, batch: _Batch, stored: int) -> None:
         if self._replayer is not None:
             self._replayer.note_write(ok=True, stored=stored)
+        self._end_outage()
         with self._lock:
             late = batch.state == "taken"
             if not late:
