@@ -851,16 +851,21 @@ class TraceWriter:
             self._room.notify_all()
         if record is not None:
             self._write_overflow(record)
-        if held:
-            error = self._append_to_spool(_thaw_all(held), sync=True) if self._spool is not None else None
+        # In records of batch_size, as the thread spools batches: replay reads a record whole, so a record of
+        # the whole buffer would make replay's memory grow with max_queue (and could outgrow the frame's length).
+        for start in range(0, len(held), self.batch_size):
+            part = held[start : start + self.batch_size]
+            last = start + self.batch_size >= len(held)
+            error = self._append_to_spool(_thaw_all(part), sync=last) if self._spool is not None else None
             with self._lock:
-                self._in_transit -= len(held)
-                self._settled += len(held)
+                self._in_transit -= len(part)
+                self._settled += len(part)
                 if self._spool is None:
-                    self._counts["failed"] += len(held)
+                    self._counts["failed"] += len(part)
                 else:
-                    self._count_spool_outcome(len(held), error)
+                    self._count_spool_outcome(len(part), error)
                 self._progress.notify_all()
+        if held:
             destination = f"spooled to {self._spool.directory}" if self._spool else "lost (no spool_dir set)"
             logger.error("llmtrace: %s; %d trace(s) not written to ClickHouse were %s", reason, len(held), destination)
         if spooling is not None:

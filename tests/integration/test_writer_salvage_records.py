@@ -1,12 +1,8 @@
-"""Review: what close(timeout) (or a stopped thread) saves is written as ONE spool record holding the whole buffer.
+"""What close(timeout) (or a stopped thread) saves is spooled in records of at most batch_size traces.
 
-_salvage() appends every trace held in memory, up to max_queue (100,000 by default), as a single record. Replay
-reads, validates and inserts a record whole ("memory is bounded by the largest record"), so a file holding that
-record is replayed in one group of max_queue traces, not in groups of batch_size: memory at shutdown (one JSON body
-of the whole buffer) and at replay grows with the buffer, against the README's "in groups of batch_size: memory does
-not grow with the file". A record's length field is 32 bits: a buffer whose JSON exceeds 4 GiB (100,000 traces of
-~43 KB, within the demo's payload range) cannot be framed at all (struct.error), and the whole buffer is counted as
-failed, i.e. lost, at the moment it most needed the spool.
+Replay reads, validates and inserts a record whole, so a single record holding the whole buffer (up to max_queue
+traces) would make memory at shutdown and at replay grow with the buffer, and a buffer whose JSON exceeds the
+frame's 32-bit length could not be framed at all.
 
 Here: batch_size=10, a server that never answers, 3,000 traces in the buffer, close(timeout=0.5).
 """
