@@ -266,7 +266,9 @@ class TraceWriter:
 
         self._spool: Spool | None = None
         self._replayer: SpoolReplayer | None = None
-        self._spool_lock = threading.Lock()  # never held while taking self._lock
+        # Never held while taking self._lock. Re-entrant only so that close() can tell whether this thread holds
+        # it (a signal handler interrupted it); it is never taken twice.
+        self._spool_lock = threading.RLock()
         if spool_dir is not None:
             try:
                 self._spool = Spool(spool_dir, destination=repository.destination, max_file_bytes=max_spool_file_bytes)
@@ -286,7 +288,9 @@ class TraceWriter:
                 idle=self._idle,
             )
 
-        self._lock = threading.Lock()
+        # Re-entrant, so that a signal handler that interrupts submit() on its thread can still read the stats or
+        # close the writer (see close()).
+        self._lock = threading.RLock()
         self._wake_writer = threading.Condition(self._lock)
         self._room = threading.Condition(self._lock)
         self._progress = threading.Condition(self._lock)
@@ -449,11 +453,11 @@ class TraceWriter:
         self._in_transit += len(traces)
         return self._tickets_issued, traces
 
-    def _write_overflow(self, record: tuple[int, list[_Frozen]]) -> None:
+    def _write_overflow(self, record: tuple[int, list[_Frozen]], spool: Spool | None = None) -> None:
         """Write an overflow record to the spool, on whichever thread took it; never raises."""
         ticket, traces = record
         # No fsync here: the writer's thread fsyncs after its current batch, so that a burst shares one fsync.
-        error = self._append_to_spool(_thaw_all(traces), sync=False)
+        error = self._append_to_spool(_thaw_all(traces), sync=False, spool=spool)
         with self._lock:
             self._in_transit -= len(traces)
             self._count_spool_outcome(len(traces), error)
@@ -471,11 +475,14 @@ class TraceWriter:
         Returns:
             ``True`` if that happened within ``timeout`` seconds (``None`` waits as long as it takes).
         """
+        # A signal handler that interrupted this writer's code on this thread: waiting would let the writer's
+        # thread in while that code is half-way through (or deadlock), so it only says whether all is done.
+        interrupted = _held_here(self._lock) or _held_here(self._spool_lock)
         record = None
         with self._lock:
             target = self._enqueued
             self._flush_target = max(self._flush_target, target)
-            if self._overflow:
+            if self._overflow and not interrupted:
                 record = self._take_overflow()
             ticket = self._tickets_issued
             self._wake_writer.notify()
@@ -486,7 +493,8 @@ class TraceWriter:
             return self._settled >= target and self._tickets_done_upto >= ticket
 
         with self._lock:
-            self._progress.wait_for(lambda: done() or self._stopped is not None, timeout=timeout)
+            if not interrupted:
+                self._progress.wait_for(lambda: done() or self._stopped is not None, timeout=timeout)
             return done()
 
     def close(self, timeout: float | None = None) -> WriterStats:
@@ -496,10 +504,17 @@ class TraceWriter:
         waiting, and the batch being written, go to the spool (if set) or are counted as failed and logged.
         Closing again returns the final counters again.
 
+        Safe to call from a signal handler. If the handler interrupted this writer's own code on the same
+        thread (a ``submit`` in progress), the writer's thread cannot make progress until the handler returns,
+        so ``close`` does not wait for it: it spools what the buffer holds at once, into a spool file of its
+        own, and returns. The trace whose ``submit`` was interrupted is written by the writer's thread if the
+        process goes on, and is counted as pending if it does not.
+
         Returns:
             The final :class:`WriterStats`: ``written`` (stored), ``spooled`` (durable in the spool, replayed by
             the next writer on the directory), ``lost`` (``dropped + failed``: alert when it is not 0).
         """
+        interrupted = _held_here(self._lock) or _held_here(self._spool_lock)
         with self._lock:
             first = not self._closing
             self._closing = True
@@ -507,6 +522,9 @@ class TraceWriter:
             self._room.notify_all()
         if first:
             exit_hook.forget(self)
+        if interrupted:
+            self._close_interrupted()
+            return self._log_closed(first)
         self._thread.join(timeout)
         if self._thread.is_alive():
             self._give_up.set()  # a stalled write that fails from now on is not retried
@@ -514,6 +532,27 @@ class TraceWriter:
         self._guarded("closing the spool file", self._rotate_spool)
         if not self._thread.is_alive():
             self._report_pending()
+        return self._log_closed(first)
+
+    def _close_interrupted(self) -> None:
+        """close() from a signal handler that interrupted this thread inside the writer: spool without waiting.
+
+        The writer's locks are held further up this thread's stack, so neither the writer's thread nor the
+        spool file being appended to can be waited for: the buffer goes to a spool file of its own.
+        """
+        self._give_up.set()
+        spool = None
+        if self._spool is not None:
+            try:
+                spool = Spool(self._spool.directory, destination=self._spool.destination)
+            except OSError:
+                logger.exception("llmtrace: close() from a signal handler cannot use the spool; traces stay queued")
+                return
+        self._salvage("close() interrupted the writer on its own thread (a signal handler)", spool=spool)
+        if spool is not None:
+            self._guarded("closing the spool file", spool.rotate)
+
+    def _log_closed(self, first: bool) -> WriterStats:
         stats = self.stats
         if first and (stats.spooled or stats.lost or stats.unconfirmed or stats.pending):
             logger.log(
@@ -572,11 +611,11 @@ class TraceWriter:
         """
         self._forked_from = self._pid
         self._pid = os.getpid()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._wake_writer = threading.Condition(self._lock)
         self._room = threading.Condition(self._lock)
         self._progress = threading.Condition(self._lock)
-        self._spool_lock = threading.Lock()
+        self._spool_lock = threading.RLock()
         self._give_up = threading.Event()
         self._give_up.set()
         self._closing = True
@@ -833,13 +872,18 @@ class TraceWriter:
         except BaseException:
             logger.exception("llmtrace: could not save the traces of a stopped trace writer")
 
-    def _salvage(self, reason: str) -> None:
-        """Spool (or count as failed) everything held in memory, including a batch the thread is stuck on."""
+    def _salvage(self, reason: str, spool: Spool | None = None) -> None:
+        """Spool (or count as failed) everything held in memory, including a batch the thread is stuck on.
+
+        ``spool``: a spool to use instead of the writer's own (see :meth:`_close_interrupted`).
+        """
         with self._lock:
             held = [trace for batch in self._sealed for trace in batch] + self._open
             self._sealed.clear()
             self._open = []
-            self._depth = 0
+            # Not set to 0: a submit interrupted (by a signal handler calling close) between adding a trace and
+            # counting it finishes its count afterwards, and the depth must then come out right.
+            self._depth -= len(held)
             stuck = self._in_flight
             if stuck is not None and stuck.state == "writing":
                 stuck.state = "taken"
@@ -850,13 +894,13 @@ class TraceWriter:
             record = self._take_overflow() if self._overflow else None
             self._room.notify_all()
         if record is not None:
-            self._write_overflow(record)
+            self._write_overflow(record, spool)
         # In records of batch_size, as the thread spools batches: replay reads a record whole, so a record of
         # the whole buffer would make replay's memory grow with max_queue (and could outgrow the frame's length).
         for start in range(0, len(held), self.batch_size):
             part = held[start : start + self.batch_size]
             last = start + self.batch_size >= len(held)
-            error = self._append_to_spool(_thaw_all(part), sync=last) if self._spool is not None else None
+            error = self._append_to_spool(_thaw_all(part), sync=last, spool=spool) if self._spool is not None else None
             with self._lock:
                 self._in_transit -= len(part)
                 self._settled += len(part)
@@ -868,22 +912,34 @@ class TraceWriter:
         if held:
             destination = f"spooled to {self._spool.directory}" if self._spool else "lost (no spool_dir set)"
             logger.error("llmtrace: %s; %d trace(s) not written to ClickHouse were %s", reason, len(held), destination)
-        if spooling is not None:
+        if spooling is not None and spool is None:
             # The thread is spooling its batch (local I/O): give it a moment so that close() can report it.
             with self._lock:
                 self._progress.wait_for(lambda: spooling.state == "settled", timeout=_SPOOLING_GRACE_SECONDS)
 
     # -- the spool ----------------------------------------------------------------------------------------
 
-    def _append_to_spool(self, traces: list[LLMTrace], *, sync: bool) -> BaseException | None:
-        """Append a batch to the spool; return the error instead of raising it (the caller counts it)."""
+    def _append_to_spool(
+        self, traces: list[LLMTrace], *, sync: bool, spool: Spool | None = None
+    ) -> BaseException | None:
+        """Append a batch to the spool; return the error instead of raising it (the caller counts it).
+
+        ``spool``: a spool of this thread's own to use instead of the writer's (no lock needed).
+        """
         assert self._spool is not None
+        vanished = 0
         try:
-            with self._spool_lock:
+            if spool is not None:
                 try:
-                    self._spool.append(traces, sync=sync)
+                    spool.append(traces, sync=sync)
                 finally:
-                    vanished = self._spool.take_vanished()
+                    vanished = spool.take_vanished()
+            else:
+                with self._spool_lock:
+                    try:
+                        self._spool.append(traces, sync=sync)
+                    finally:
+                        vanished = self._spool.take_vanished()
         except Exception as exc:
             error: BaseException | None = exc
         else:
@@ -981,6 +1037,11 @@ class TraceWriter:
                 self.on_error(event)
             except Exception:
                 logger.exception("llmtrace: the on_error callback raised")
+
+
+def _held_here(lock: Any) -> bool:
+    """Whether this thread holds ``lock`` (a ``threading.RLock``)."""
+    return bool(lock._is_owned())
 
 
 # Every writer of this process, for the fork handler below.
