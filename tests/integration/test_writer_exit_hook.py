@@ -1,11 +1,8 @@
-"""Review: the exit hook closes writers before Python joins the threads that still submit to them.
+"""The exit hook closes writers after Python has joined the threads, and run the executor work, that submit to them.
 
-The hook is registered with threading._register_atexit, whose functions run when the main thread ends and
-*before* non-daemon threads are joined (and, in reverse order of registration, before concurrent.futures waits for
-its pools' queued work, since llmtrace imports concurrent.futures first). A program whose main thread returns while
-worker threads or executor tasks still handle requests (a common shape for servers and batch jobs) has every trace
-those threads submit afterwards refused with WriterClosed, raised into the application's code, even though the
-README promises that at interpreter exit an undrained writer is closed (and spools what it holds).
+A program whose main thread returns while worker threads or executor tasks still handle requests (a common shape
+for servers and batch jobs) has the traces those submit afterwards accepted, and the exit hook then spools them
+(the database is down here).
 
 Runs in a fresh interpreter; the repository points at a port where nothing listens, with a spool directory.
 """
@@ -18,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.spool_files import spooled_traces
+
 SCENARIO = r"""
 import sys, threading, time
 sys.path.insert(0, sys.argv[3])
@@ -25,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from llmtrace import TraceWriter, WriterClosed
 from tests.writer_support import refused_repository, traces
 
-writer = TraceWriter(refused_repository("review_exit_order"), spool_dir=sys.argv[1], max_retries=0)
+writer = TraceWriter(refused_repository("writer_exit_order"), spool_dir=sys.argv[1], max_retries=0)
 items = traces(10)
 
 def handle(number):
@@ -59,3 +58,4 @@ def test_traces_from_threads_still_running_at_exit_are_accepted(tmp_path: Path, 
     outcomes = result.stdout.split()
     assert len(outcomes) == 10
     assert outcomes.count("refused") == 0, f"{outcomes.count('refused')} of 10 submits raised WriterClosed"
+    assert len(spooled_traces(tmp_path)) == 10  # the exit hook closed the writer, spooling them
