@@ -40,7 +40,7 @@ import os
 import stat
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -466,6 +466,31 @@ class Quarantine:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def set_aside_parts(self) -> Iterator[tuple[str, int, str]]:
+        """What earlier replays set aside from spool files, as ``(file name, offset, "bytes" | "items")``.
+
+        A file is kept while one of its records waits (the database is down, say), so a later process replays
+        it again: these say which of its stretches and items are already in the quarantine. Read a line at a
+        time; lines that cannot be read are skipped.
+        """
+        try:
+            handle = open(self.path, encoding="utf-8", errors="replace")  # noqa: SIM115 (closed below)
+        except FileNotFoundError:
+            return
+        with handle:
+            for line in handle:
+                if '"bytes_file"' not in line and '"items"' not in line:
+                    continue  # whole files moved, and traces ClickHouse rejected: nothing to skip
+                try:
+                    entry = json.loads(line)
+                    source, offset = str(entry["source"]), int(entry["offset"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+                if "bytes_file" in entry:
+                    yield source, offset, "bytes"
+                elif "items" in entry:
+                    yield source, offset, "items"
 
     def add_file(self, path: Path, reason: str) -> bool:
         """Move a whole spool file whose header is damaged into the quarantine, if no one holds it.

@@ -186,6 +186,7 @@ class SpoolReplayer:
         # or setting them aside twice.
         self._settled: set[tuple[str, int, str]] = set()
         self._warned: set[str] = set()
+        self._quarantine_read = False
         # Files of other destinations sharing the directory: names are never reused and a file's header never
         # changes, so each is opened once, not on every pass.
         self._elsewhere: set[str] = set()
@@ -273,6 +274,13 @@ class SpoolReplayer:
             self._rotate_own()
             candidates = scan(self.directory)
         current = {path.name for path in candidates}
+        if not self._quarantine_read:
+            # Stretches and items an earlier process set aside from files still here are not set aside again.
+            self._quarantine_read = True
+            try:
+                self._settled.update(key for key in self.quarantine.set_aside_parts() if key[0] in current)
+            except OSError as exc:
+                self._report("error", 0, f"cannot read the quarantine {self.quarantine.path}", exc)
         self._elsewhere &= current
         candidates = [path for path in candidates if path.name not in self._elsewhere]
         self._warned &= current

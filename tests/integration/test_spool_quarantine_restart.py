@@ -1,10 +1,8 @@
-"""Review: damaged bytes are quarantined again by every writer that starts while the database is down.
+"""Damaged bytes are quarantined once, not again by every writer that starts while the database is down.
 
 A spool file with a damaged record and a good one: replay sets the damaged stretch aside, then the database is
-unreachable, so the file is kept. Which stretches were set aside is remembered only in the replaying process
-(SpoolReplayer._settled), so each restart during the outage (a deploy, a crash loop) copies the same bytes to the
-quarantine again and adds another quarantine.jsonl entry, and each process counts them as unreadable again. The
-quarantine is "for a person to look at": after three restarts it shows three damaged records where there is one.
+unreachable, so the file is kept. A writer that starts later (a deploy, a crash loop) reads the quarantine's
+entries and skips what is already set aside: after three starts the quarantine shows one damaged record.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ from tests.writer_support import refused_repository, traces
 
 
 def test_a_restart_during_an_outage_does_not_quarantine_the_same_bytes_again(tmp_path: Path) -> None:
-    repository = refused_repository("review_requarantine")
+    repository = refused_repository("spool_requarantine")
     spool = Spool(tmp_path, destination=repository.destination)
     spool.append(traces(3))
     spool.append(traces(3, start=3))
@@ -31,7 +29,7 @@ def test_a_restart_during_an_outage_does_not_quarantine_the_same_bytes_again(tmp
     path.write_bytes(bytes(damaged))
 
     for _ in range(3):  # three starts while the database is still down
-        writer = TraceWriter(refused_repository("review_requarantine"), spool_dir=tmp_path, max_retries=0)
+        writer = TraceWriter(refused_repository("spool_requarantine"), spool_dir=tmp_path, max_retries=0)
         time.sleep(1.0)  # the start-up pass: sets the damaged bytes aside, then fails on the good record
         writer.close(timeout=5)
     assert path.exists()  # kept: its good record waits for the database
