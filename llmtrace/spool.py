@@ -144,6 +144,20 @@ class Spool:
         self._traces += len(traces)
         self._unsynced = not sync
 
+    def try_append(self, traces: Sequence[LLMTrace]) -> bool:
+        """Append one batch as one record without any fsync, if the current file can take it as it is.
+
+        Returns ``False`` (appending nothing) when that would mean publishing a new file or rotating the
+        current one, which fsync: the caller then hands the batch to a thread that may wait for the disk.
+
+        Raises:
+            OSError: As :meth:`append`.
+        """
+        if self._fd is None or self._size >= self.max_file_bytes or not self._still_published():
+            return False
+        self.append(traces, sync=False)
+        return True
+
     def sync(self) -> None:
         """Fsync what was appended without ``sync``.
 

@@ -170,6 +170,10 @@ class WriterEvent:
     error: BaseException | None = None
 
 
+class _NeedsPublishing(Exception):  # noqa: N818 (a reason)
+    """An append that would have needed an fsync (a new spool file) on a thread that must not wait for the disk."""
+
+
 class _OutageContinues(Exception):  # noqa: N818 (a reason, given to on_error)
     """A batch spooled without a write attempt: the database failed every recent attempt (the outage breaker)."""
 
@@ -214,7 +218,8 @@ class TraceWriter:
         overflow: What ``submit`` does when the buffer is full: ``"block"`` (wait up to ``submit_timeout``,
             then raise :class:`WriterQueueFull`), ``"drop_oldest"``, ``"drop_newest"``, or ``"spool"``
             (collect overflowing traces into records of ``OVERFLOW_RECORD_TRACES`` and write each to
-            ``spool_dir`` on the caller's thread that fills it; the writer's thread fsyncs them). While the
+            ``spool_dir`` on the caller's thread that fills it; the writer's thread fsyncs them, and writes a
+            record that needs a new spool file, so that no fsync runs on the caller's thread). While the
             database is down (see ``max_backoff``), ``"block"`` with a ``spool_dir`` spools like ``"spool"``.
         spool_dir: Directory for batches that cannot be written; ``None`` means they are lost (and logged).
         max_retries: Retries of a transiently failing batch before it is spooled (or lost).
@@ -303,6 +308,9 @@ class TraceWriter:
         self._in_flight: _Batch | None = None
         self._in_transit = 0  # traces taken out of memory on their way to the spool, outside the lock
         self._overflow: list[_Frozen] = []
+        # Overflow records a submit could not append without an fsync (the spool needed a new file): the
+        # writer's thread writes them, so that no fsync runs on the caller's thread.
+        self._handed_over: deque[tuple[int, list[LLMTrace]]] = deque()
         self._overflow_since = 0.0
         # flush() waits for two lanes: the buffer, settled in order (counters suffice), and overflow records,
         # which callers write concurrently (so each record gets a ticket, and the lane is done up to the
@@ -369,7 +377,7 @@ class TraceWriter:
             elif action == "spool":
                 record = self._add_overflow(snapshot)
         if record is not None:
-            self._write_overflow(record)
+            self._write_overflow(record, on_caller=True)
 
     def _check_accepting(self) -> None:
         """Raise if traces can no longer be accepted (lock held)."""
@@ -453,14 +461,43 @@ class TraceWriter:
         self._in_transit += len(traces)
         return self._tickets_issued, traces
 
-    def _write_overflow(self, record: tuple[int, list[_Frozen]], spool: Spool | None = None) -> None:
-        """Write an overflow record to the spool, on whichever thread took it; never raises."""
-        ticket, traces = record
-        # No fsync here: the writer's thread fsyncs after its current batch, so that a burst shares one fsync.
-        error = self._append_to_spool(_thaw_all(traces), sync=False, spool=spool)
+    def _write_overflow(
+        self, record: tuple[int, list[_Frozen]], spool: Spool | None = None, *, on_caller: bool = False
+    ) -> None:
+        """Write an overflow record to the spool, on whichever thread took it; never raises.
+
+        ``on_caller``: on the thread of a ``submit``, which must not wait for the disk. The record is appended
+        only if the spool's current file can take it without an fsync; otherwise it is handed to the writer's
+        thread (still counted in flight).
+        """
+        ticket, frozen = record
+        traces = _thaw_all(frozen)
+        if on_caller:
+            error = self._append_to_spool(traces, sync=False, only_if_open=True)
+            if isinstance(error, _NeedsPublishing):
+                with self._lock:
+                    self._handed_over.append((ticket, traces))
+                    self._wake_writer.notify()
+                return
+        else:
+            # No fsync here: the writer's thread fsyncs after its current batch, so that a burst shares one.
+            error = self._append_to_spool(traces, sync=False, spool=spool)
+        self._overflow_written(ticket, len(traces), error)
+
+    def _write_handed_over(self, spool: Spool | None = None) -> None:
+        """Write the overflow records submits handed over (on the writer's thread, or when closing)."""
+        while True:
+            with self._lock:
+                if not self._handed_over:
+                    return
+                ticket, traces = self._handed_over.popleft()
+            error = self._append_to_spool(traces, sync=False, spool=spool)
+            self._overflow_written(ticket, len(traces), error)
+
+    def _overflow_written(self, ticket: int, count: int, error: BaseException | None) -> None:
         with self._lock:
-            self._in_transit -= len(traces)
-            self._count_spool_outcome(len(traces), error)
+            self._in_transit -= count
+            self._count_spool_outcome(count, error)
             self._tickets_done.add(ticket)
             while self._tickets_done_upto + 1 in self._tickets_done:
                 self._tickets_done_upto += 1
@@ -529,6 +566,8 @@ class TraceWriter:
         if self._thread.is_alive():
             self._give_up.set()  # a stalled write that fails from now on is not retried
             self._salvage(f"close() gave up after {timeout} s")
+        if not self._thread.is_alive():
+            self._guarded("spooling overflowing traces", self._write_handed_over)
         self._guarded("closing the spool file", self._rotate_spool)
         if not self._thread.is_alive():
             self._report_pending()
@@ -622,6 +661,7 @@ class TraceWriter:
         self._sealed.clear()
         self._open = []
         self._overflow = []
+        self._handed_over.clear()
         self._depth = self._in_transit = 0
         self._in_flight = None
         self._enqueued = self._settled = self._flush_target = 0
@@ -682,7 +722,7 @@ class TraceWriter:
 
     def _seconds_until_chores(self, now: float) -> float:
         """How long the thread may sleep before something else than a live batch needs it (lock held)."""
-        if self._dropped_unreported or self._unreported:
+        if self._dropped_unreported or self._unreported or self._handed_over:
             return 0.0
         wait = self.flush_interval
         if self._overflow:
@@ -713,7 +753,7 @@ class TraceWriter:
     def _live_work_waits(self) -> bool:
         """Whether a replay pass should pause for live traffic (or a close)."""
         with self._lock:
-            if self._closing or self._sealed or self._dropped_unreported or self._unreported:
+            if self._closing or self._sealed or self._dropped_unreported or self._unreported or self._handed_over:
                 return True
             return bool(self._open) and time.monotonic() >= self._open_since + self.flush_interval
 
@@ -893,6 +933,7 @@ class TraceWriter:
             self._in_transit += len(held)
             record = self._take_overflow() if self._overflow else None
             self._room.notify_all()
+        self._write_handed_over(spool)
         if record is not None:
             self._write_overflow(record, spool)
         # In records of batch_size, as the thread spools batches: replay reads a record whole, so a record of
@@ -920,14 +961,17 @@ class TraceWriter:
     # -- the spool ----------------------------------------------------------------------------------------
 
     def _append_to_spool(
-        self, traces: list[LLMTrace], *, sync: bool, spool: Spool | None = None
+        self, traces: list[LLMTrace], *, sync: bool, spool: Spool | None = None, only_if_open: bool = False
     ) -> BaseException | None:
         """Append a batch to the spool; return the error instead of raising it (the caller counts it).
 
         ``spool``: a spool of this thread's own to use instead of the writer's (no lock needed).
+        ``only_if_open``: append only if no fsync is needed (see ``Spool.try_append``); if one is, nothing is
+        appended and a :class:`_NeedsPublishing` is returned.
         """
         assert self._spool is not None
         vanished = 0
+        error: BaseException | None = None
         try:
             if spool is not None:
                 try:
@@ -937,13 +981,15 @@ class TraceWriter:
             else:
                 with self._spool_lock:
                     try:
-                        self._spool.append(traces, sync=sync)
+                        if only_if_open:
+                            if not self._spool.try_append(traces):
+                                error = _NeedsPublishing()
+                        else:
+                            self._spool.append(traces, sync=sync)
                     finally:
                         vanished = self._spool.take_vanished()
         except Exception as exc:
-            error: BaseException | None = exc
-        else:
-            error = None
+            error = exc
         with self._lock:
             if vanished:
                 # Counted as spooled when they were appended; their file is gone, so they are lost after all.
@@ -952,7 +998,9 @@ class TraceWriter:
                 self._unreported.append(
                     WriterEvent("spool_lost", vanished, f"the spool file was removed from {self._spool.directory}")
                 )
-            if error is not None:
+            if isinstance(error, _NeedsPublishing):
+                pass  # nothing appended: the caller hands the batch over
+            elif error is not None:
                 self._counts["errors"] += 1
                 self._last_error = f"spool write failed: {error}"
                 self._unreported.append(
@@ -968,6 +1016,7 @@ class TraceWriter:
         self._counts["spooled" if error is None else "failed"] += count
 
     def _spool_overflow(self, only_if_due: bool = False) -> None:
+        self._write_handed_over()
         with self._lock:
             due = self._overflow and (
                 not only_if_due
@@ -995,7 +1044,7 @@ class TraceWriter:
 
     def _idle(self) -> bool:
         with self._lock:
-            return not self._sealed and not self._open and not self._overflow
+            return not self._sealed and not self._open and not self._overflow and not self._handed_over
 
     # -- problems -----------------------------------------------------------------------------------------
 

@@ -1,10 +1,8 @@
-"""Review: with overflow="spool", submit() fsyncs on the caller's thread (and so on AsyncTraceWriter's event loop).
+"""With overflow="spool", submit() never fsyncs on the caller's thread (nor on AsyncTraceWriter's event loop).
 
-The README says overflowing traces are written to the spool "by the submit that fills the record; the writer's
-thread fsyncs them", and that AsyncTraceWriter "never blocks the event loop". But the record that fills first has no
-spool file to go to: Spool.append publishes one on the caller's thread, which fsyncs the file and the directory
-there (and rotation at max_spool_file_bytes fsyncs the previous file there too). On a slow or network disk an fsync
-takes tens to hundreds of milliseconds: a latency spike for a request thread or an event loop.
+A submit that fills an overflow record appends it to the spool's current file without an fsync. When that would
+need a new file (the first record, or a rotation at max_spool_file_bytes), which fsyncs the file and the
+directory, the record is handed to the writer's thread instead.
 
 os.fsync is wrapped only to note which thread calls it (the real fsync still runs); the database is a real client
 against a port where nothing listens.
@@ -32,7 +30,7 @@ def test_overflow_submits_do_no_fsync_on_the_callers_thread(tmp_path: Path, monk
         real_fsync(fd)
 
     writer = TraceWriter(
-        refused_repository("review_overflow"),
+        refused_repository("writer_overflow"),
         overflow="spool",
         spool_dir=tmp_path,
         max_queue=1,
