@@ -5,6 +5,7 @@ Files (the format is in :mod:`llmtrace.spool_format`):
 - ``<time in ns>-<pid>-<random>.spool``: batches for one destination (``database.table``, in the file
   header); names sort by age.
 - ``.<name>.spool.tmp``: a spool file being created; never read.
+- ``.strikes.json``: records ClickHouse rejected, and on how many replay passes (see :class:`StrikeBook`).
 - ``quarantine/quarantine.jsonl``: one JSON line per record or trace that replay set aside, with the reason;
   ``quarantine/*.bin`` hold raw bytes that could not be read at all. Nothing in ``quarantine/`` is deleted
   or retried by llmtrace: it is for a person to look at.
@@ -40,7 +41,7 @@ import os
 import stat
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -449,6 +450,53 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+STRIKES_FILE = ".strikes.json"
+
+
+class StrikeBook:
+    """Rejections of spooled records, shared by every process replaying a spool directory.
+
+    ``.strikes.json`` in the spool directory maps ``"<file name>:<offset>"`` to what replay knows about a
+    record ClickHouse rejected: how many passes rejected it (``count``), when the last counted one was
+    (``last``, Unix time), and whether other inserts to the destination succeeded since its first rejection
+    (``confirmed``). Kept in a file, so that writers that live shorter than a few replay intervals (a cron
+    job, a crash loop) add up their rejections instead of each starting from zero. Read and rewritten under
+    ``flock``; rejections are rare.
+    """
+
+    def __init__(self, spool_directory: Path) -> None:
+        self.path = spool_directory / STRIKES_FILE
+
+    def update(self, change: Callable[[dict[str, Any]], Any]) -> Any:
+        """Apply ``change`` to the book (a dict, changed in place) and save it; return what ``change`` returned.
+
+        Raises:
+            OSError: The book could not be read or written.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            data = read_at(fd, 0, os.fstat(fd).st_size)
+            try:
+                book = json.loads(data) if data else {}
+            except ValueError:
+                book = {}
+            if not isinstance(book, dict):
+                book = {}
+            before = json.dumps(book, sort_keys=True)
+            result = change(book)
+            after = json.dumps(book, sort_keys=True)
+            if after != before:
+                os.ftruncate(fd, 0)
+                os.lseek(fd, 0, os.SEEK_SET)
+                _write_all(fd, after.encode())
+                os.fsync(fd)
+            return result
+        finally:
+            os.close(fd)
 
 
 class Quarantine:

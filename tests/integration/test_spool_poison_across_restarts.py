@@ -1,10 +1,9 @@
-"""Review: a record ClickHouse always rejects is never quarantined by writers that live less than two intervals.
+"""A record ClickHouse always rejects is quarantined even by writers that each live less than two intervals.
 
-The strikes against a rejected record (SpoolReplayer._strikes) live in the replaying process only, and count at
-most once per replay_interval. A process that lives less than two intervals (a cron job, a serverless function, a
-crash-looping service: one minute at the default 30 s) gives the record one strike and dies; the next process
-starts at zero. The record is retried at every start for ever, against the README: "records ClickHouse keeps
-rejecting (on three passes, while it accepts other inserts) ... never retried forever".
+The rejections of a record are counted in a file every replaying process shares, at most once per
+replay_interval, together with whether other inserts succeeded since the first one. A process that lives less than
+two intervals (a cron job, a serverless function, a crash-looping service) adds its rejection to the earlier
+ones', so the record is set aside after three, instead of being retried at every start for ever.
 
 Here: a constraint makes ClickHouse reject one trace; six short-lived writers each replay the spool (the record is
 rejected on each of their passes) while writing other traces successfully.
@@ -28,7 +27,7 @@ def test_a_poison_record_is_quarantined_after_repeated_rejections_across_restart
     migrated_engine: Engine, tmp_path: Path
 ) -> None:
     with migrated_engine.connect() as connection:
-        connection.execute(text("ALTER TABLE llm_traces ADD CONSTRAINT review_no_poison CHECK latency_ms != 4242"))
+        connection.execute(text("ALTER TABLE llm_traces ADD CONSTRAINT no_poison CHECK latency_ms != 4242"))
     repository = TraceRepository(migrated_engine)
     spool = Spool(tmp_path, destination=repository.destination)
     spool.append([make_trace(9999, latency_ms=4242)])
