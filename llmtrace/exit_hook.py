@@ -1,4 +1,8 @@
-"""Close every live trace writer when the interpreter shuts down, each within its ``exit_timeout``."""
+"""Close every live trace writer when the interpreter shuts down, each within its ``exit_timeout``.
+
+Writers are closed after the interpreter has joined the threads still running when the main thread ended, and
+after ``concurrent.futures`` has run the work queued in its pools, so that traces those submit are accepted.
+"""
 
 from __future__ import annotations
 
@@ -33,11 +37,12 @@ def close_at_exit(writer: ClosesAtExit) -> None:
     _live.add(writer)
     with _registration_lock:
         if not _registered:
-            # threading's exit hooks run before the interpreter starts tearing down (atexit hooks run after),
-            # when the writer's thread can still import lazily-loaded driver modules and finish its inserts.
-            # concurrent.futures relies on the same hook; fall back to atexit where it does not exist.
-            register = getattr(threading, "_register_atexit", atexit.register)
-            register(_close_live_writers)
+            # atexit, not threading's exit hooks: those run when the main thread ends, before the interpreter
+            # joins the threads that are still running and before concurrent.futures waits for its pools' queued
+            # work, which may all still submit traces. atexit hooks run after both, while the interpreter is
+            # still whole (the writer's thread can import driver modules lazily and finish its inserts), and
+            # before the hooks of modules imported earlier (chDB's), since they run last registered first.
+            atexit.register(_close_live_writers)
             _registered = True
 
 

@@ -5,6 +5,7 @@ Files (the format is in :mod:`llmtrace.spool_format`):
 - ``<time in ns>-<pid>-<random>.spool``: batches for one destination (``database.table``, in the file
   header); names sort by age.
 - ``.<name>.spool.tmp``: a spool file being created; never read.
+- ``.strikes.json``: records ClickHouse rejected, and on how many replay passes (see :class:`StrikeBook`).
 - ``quarantine/quarantine.jsonl``: one JSON line per record or trace that replay set aside, with the reason;
   ``quarantine/*.bin`` hold raw bytes that could not be read at all. Nothing in ``quarantine/`` is deleted
   or retried by llmtrace: it is for a person to look at.
@@ -20,7 +21,8 @@ publication) to skip other destinations' files without locking them. It then tak
 without waiting (a file still held is skipped) and checks that the path still names the inode it locked:
 if another replayer finished the file and removed it in between, the path is gone or names another file,
 and this one is skipped. A claimed file is replayed, then removed (while still locked) and the directory
-fsynced. A ``*.spool`` path that is not a spool file (a directory, someone else's file) is never touched;
+fsynced. A ``*.spool`` path that is not a spool file (a directory, someone else's file) is never touched,
+and one that is not a regular file (a named pipe, a device, a symbolic link) is not even opened;
 a spool file whose header is damaged, so whose destination is unknown, is moved whole into the quarantine.
 
 Several processes, and several destinations, can share one directory: each replays only files whose header
@@ -39,7 +41,7 @@ import os
 import stat
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -143,6 +145,20 @@ class Spool:
         self._traces += len(traces)
         self._unsynced = not sync
 
+    def try_append(self, traces: Sequence[LLMTrace]) -> bool:
+        """Append one batch as one record without any fsync, if the current file can take it as it is.
+
+        Returns ``False`` (appending nothing) when that would mean publishing a new file or rotating the
+        current one, which fsync: the caller then hands the batch to a thread that may wait for the disk.
+
+        Raises:
+            OSError: As :meth:`append`.
+        """
+        if self._fd is None or self._size >= self.max_file_bytes or not self._still_published():
+            return False
+        self.append(traces, sync=False)
+        return True
+
     def sync(self) -> None:
         """Fsync what was appended without ``sync``.
 
@@ -170,6 +186,17 @@ class Spool:
         """How many appended traces were in files removed from under this spool since the last call."""
         vanished, self._vanished = self._vanished, 0
         return vanished
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: close this process's copy of the parent's file, leaving the file to the parent.
+
+        The copy shares the parent's lock; kept open, it would hold the file locked after the parent let go.
+        """
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        self._fd, self._path, self._size, self._traces, self._unsynced = None, None, 0, 0, False
+        self._vanished = 0
 
     def _publish_new_file(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -283,9 +310,9 @@ def _age_key(path: Path) -> tuple[str, str]:
 
 def _remove_if_stale(path: Path) -> None:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return
+        fd = open_regular_file(path)
+    except (OSError, NotARegularFile):
+        return  # not ours to remove (a named pipe, a directory, a symbolic link), or gone
     try:
         if time.time() - os.fstat(fd).st_mtime < STALE_TEMPORARY_SECONDS:
             return
@@ -298,6 +325,47 @@ def _remove_if_stale(path: Path) -> None:
         return
     finally:
         os.close(fd)
+
+
+class NotARegularFile(Exception):  # noqa: N818 (a reason, like NotClaimable)
+    """A path in the spool directory that is not a regular file (a directory, a named pipe, a device, a link)."""
+
+
+def open_regular_file(path: Path) -> int:
+    """Open ``path`` for reading without ever blocking, following no link, and only if it is a regular file.
+
+    A named pipe opened for reading would wait until someone opens it for writing (for ever, on the writer's
+    thread), and a device may do anything when opened: such paths are checked with ``lstat`` and never opened.
+    The open itself is non-blocking, in case the path changed in between, and the open file is checked again.
+
+    Raises:
+        NotARegularFile: The path is not a regular file; it was left exactly as it is.
+        OSError: The path is gone (``FileNotFoundError``) or could not be opened.
+    """
+    mode = os.lstat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise NotARegularFile(_kind_of(mode))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # replaced by a symbolic link since the lstat
+            raise NotARegularFile("a symbolic link, not a spool file") from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise NotARegularFile(_kind_of(mode))
+    return fd
+
+
+def _kind_of(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory, not a spool file"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe, not a spool file"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link, not a spool file"
+    return "not a regular file"
 
 
 class NotClaimable(Exception):  # noqa: N818 (a reason, not a failure)
@@ -329,15 +397,13 @@ def claim(path: Path, *, destination: str) -> ClaimedFile | None:
         OSError: The file could not be opened or locked for another reason.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_regular_file(path)
     except FileNotFoundError:
         return None
-    except IsADirectoryError:
-        raise NotClaimable("a directory, not a spool file", kind="foreign") from None
+    except NotARegularFile as exc:
+        raise NotClaimable(str(exc), kind="foreign") from None
     try:
         opened = os.fstat(fd)
-        if not stat.S_ISREG(opened.st_mode):
-            raise NotClaimable("not a regular file", kind="foreign")
         try:
             header, start = read_file_header(fd)
         except NotASpoolFile as exc:
@@ -386,6 +452,53 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+STRIKES_FILE = ".strikes.json"
+
+
+class StrikeBook:
+    """Rejections of spooled records, shared by every process replaying a spool directory.
+
+    ``.strikes.json`` in the spool directory maps ``"<file name>:<offset>"`` to what replay knows about a
+    record ClickHouse rejected: how many passes rejected it (``count``), when the last counted one was
+    (``last``, Unix time), and whether other inserts to the destination succeeded since its first rejection
+    (``confirmed``). Kept in a file, so that writers that live shorter than a few replay intervals (a cron
+    job, a crash loop) add up their rejections instead of each starting from zero. Read and rewritten under
+    ``flock``; rejections are rare.
+    """
+
+    def __init__(self, spool_directory: Path) -> None:
+        self.path = spool_directory / STRIKES_FILE
+
+    def update(self, change: Callable[[dict[str, Any]], Any]) -> Any:
+        """Apply ``change`` to the book (a dict, changed in place) and save it; return what ``change`` returned.
+
+        Raises:
+            OSError: The book could not be read or written.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            data = read_at(fd, 0, os.fstat(fd).st_size)
+            try:
+                book = json.loads(data) if data else {}
+            except ValueError:
+                book = {}
+            if not isinstance(book, dict):
+                book = {}
+            before = json.dumps(book, sort_keys=True)
+            result = change(book)
+            after = json.dumps(book, sort_keys=True)
+            if after != before:
+                os.ftruncate(fd, 0)
+                os.lseek(fd, 0, os.SEEK_SET)
+                _write_all(fd, after.encode())
+                os.fsync(fd)
+            return result
+        finally:
+            os.close(fd)
+
+
 class Quarantine:
     """Where replay sets aside what it must not retry forever, each entry with its reason.
 
@@ -416,6 +529,31 @@ class Quarantine:
         finally:
             os.close(fd)
 
+    def set_aside_parts(self) -> Iterator[tuple[str, int, str]]:
+        """What earlier replays set aside from spool files, as ``(file name, offset, "bytes" | "items")``.
+
+        A file is kept while one of its records waits (the database is down, say), so a later process replays
+        it again: these say which of its stretches and items are already in the quarantine. Read a line at a
+        time; lines that cannot be read are skipped.
+        """
+        try:
+            handle = open(self.path, encoding="utf-8", errors="replace")  # noqa: SIM115 (closed below)
+        except FileNotFoundError:
+            return
+        with handle:
+            for line in handle:
+                if '"bytes_file"' not in line and '"items"' not in line:
+                    continue  # whole files moved, and traces ClickHouse rejected: nothing to skip
+                try:
+                    entry = json.loads(line)
+                    source, offset = str(entry["source"]), int(entry["offset"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+                if "bytes_file" in entry:
+                    yield source, offset, "bytes"
+                elif "items" in entry:
+                    yield source, offset, "items"
+
     def add_file(self, path: Path, reason: str) -> bool:
         """Move a whole spool file whose header is damaged into the quarantine, if no one holds it.
 
@@ -423,8 +561,8 @@ class Quarantine:
             Whether it was moved (``False``: another process holds it, or it is gone).
         """
         try:
-            handle = open(path, "rb")  # noqa: SIM115 (closed below, after the move)
-        except FileNotFoundError:
+            handle = open(open_regular_file(path), "rb")  # noqa: SIM115 (closed below, after the move)
+        except (FileNotFoundError, NotARegularFile):
             return False
         with handle:
             try:

@@ -15,7 +15,9 @@ Records are only ever appended, so a crash tears at most the last one. Damage an
 flipped bit, bytes from elsewhere) costs only the bytes it touches: the reader reports the unreadable span
 and goes on at the next frame whose header and body checksums both hold. A record whose checksum holds but
 whose contents the current model rejects (a field from a newer version, a negative count, something that is
-not a trace) is reported item by item, with the other traces of the record still returned.
+not a trace) is reported item by item, with the other traces of the record still returned. A record whose
+body the decoders cannot handle at all (not JSON, JSON nested too deep, anything that makes them raise) is
+reported whole, and reading goes on at the next record.
 
 Version 1 files (magic b"LTS1", written by llmtrace 0.1) have no file header, so no destination, and frames
 without a header checksum (``magic, length, CRC-32 of body`` and a body ``{"traces": [...]}``). They are still
@@ -184,7 +186,7 @@ def read_records(fd: int, header: FileHeader, start: int) -> Generator[Record | 
             position = resume
             continue
         end = position + _frame_size(header.version) + len(found)
-        yield _decode_record(found, header.version, position, end)
+        yield _decode_record_safely(found, header.version, position, end)
         position = end
 
 
@@ -199,6 +201,24 @@ def read_at(fd: int, offset: int, length: int) -> bytes:
         offset += len(part)
         length -= len(part)
     return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _decode_record_safely(body: bytes, version: int, offset: int, end: int) -> Record:
+    """Decode a record whose frame is sound; whatever its body does to the decoder, the record is reported.
+
+    A body can make the decoders raise more than their own errors: JSON nested deeper than the recursion limit
+    raises ``RecursionError``, and a bug or an odd value in the model may raise anything. Such a record is
+    returned with a ``body_problem`` (so it is set aside like unreadable bytes), and reading goes on with the
+    next record: an exception escaping this generator would end it, and so the whole file. ``MemoryError`` is
+    the exception: it says nothing about the record, so it propagates and the file is read again later.
+    """
+    try:
+        return _decode_record(body, version, offset, end)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        problem = f"the record cannot be decoded ({type(exc).__name__}: {str(exc)[:200]})"
+        return Record(offset, end, [], [], body_problem=problem, body=body)
 
 
 def _decode_record(body: bytes, version: int, offset: int, end: int) -> Record:
@@ -220,7 +240,9 @@ def _decode_record(body: bytes, version: int, offset: int, end: int) -> Record:
     for index, item in enumerate(items):
         try:
             traces.append(LLMTrace.model_validate(_require_object(item)))
-        except (ValidationError, TypeError) as exc:
+        except MemoryError:
+            raise
+        except Exception as exc:  # ValidationError, TypeError, or anything else an odd item makes the model raise
             rejected.append(RejectedItem(index, json.dumps(item), _reason(exc)))
     return Record(offset, end, traces, rejected)
 
@@ -237,7 +259,9 @@ def _reason(exc: Exception) -> str:
             f"{'.'.join(str(part) for part in error['loc']) or '(item)'}: {error['msg']}" for error in exc.errors()
         ]
         return "rejected by the trace model: " + "; ".join(problems)
-    return str(exc)
+    if isinstance(exc, TypeError):
+        return str(exc)
+    return f"rejected by the trace model: {type(exc).__name__}: {exc}"
 
 
 def _frame_size(version: int) -> int:

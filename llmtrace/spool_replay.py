@@ -20,7 +20,8 @@ What cannot be stored is set aside, never dropped and never retried forever:
   to the same destination succeeded since its first rejection: otherwise the destination itself is what
   fails (a read-only user, say), and the record waits. A missing table never counts against a record.
   Before quarantining, the record is split in halves, recursively, so that only the traces ClickHouse
-  rejects on their own are set aside.
+  rejects on their own are set aside. Rejections are counted in a file every process replaying the directory
+  shares (:class:`llmtrace.spool.StrikeBook`), so writers that live shorter than three intervals add theirs up.
 
 A transient failure (the server unreachable, overloaded, timing out), or a missing table, ends the pass;
 the next one starts ``interval`` seconds later, or as soon as the writer's next live write succeeds. A
@@ -40,11 +41,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from llmtrace.errors import DatabaseError, SchemaNotMigratedError
 from llmtrace.model import LLMTrace
 from llmtrace.repository import TraceRepository
-from llmtrace.spool import ClaimedFile, NotClaimable, Quarantine, claim, scan
+from llmtrace.spool import ClaimedFile, NotClaimable, Quarantine, StrikeBook, claim, scan
 from llmtrace.spool_format import BadSpan, Record, read_records
 
 logger = logging.getLogger(__name__)
@@ -56,6 +58,11 @@ FAILED_GROUPS_TO_STOP = 3
 
 Report = Callable[[str, int, str, "BaseException | None"], None]
 """``report(kind, count, message, error)``: how the replayer tells its writer about a problem."""
+
+
+def _book_name(key: tuple[str, int, str]) -> str:
+    """A record's name in the strike book: ``<file name>:<offset>``."""
+    return f"{key[0]}:{key[1]}"
 
 
 class _Step(Enum):
@@ -181,11 +188,16 @@ class SpoolReplayer:
         self._healthy = False  # whether the last write to the destination (live or replay) succeeded
         self._inserts = 0  # inserts that stored traces, live or replayed: evidence the destination works
         self._strikes: dict[tuple[str, int, str], _Strikes] = {}
+        # Strikes shared with other processes (see StrikeBook); records whose rejections this process saw and
+        # the book does not yet call confirmed, with this process's insert count at the first of them.
+        self.strike_book = StrikeBook(directory)
+        self._unconfirmed: dict[tuple[str, int, str], int] = {}
         # Records stored or quarantined, and stretches found unreadable, in files still in the spool (a file
         # is kept while one of its records waits): a later pass skips them rather than storing them again
         # or setting them aside twice.
         self._settled: set[tuple[str, int, str]] = set()
         self._warned: set[str] = set()
+        self._quarantine_read = False
         # Files of other destinations sharing the directory: names are never reused and a file's header never
         # changes, so each is opened once, not on every pass.
         self._elsewhere: set[str] = set()
@@ -196,6 +208,11 @@ class SpoolReplayer:
     def active(self) -> bool:
         """Whether a pass is under way (and was paused, or is about to start)."""
         return self._pending is not None
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the last write to the destination, live or replayed, succeeded."""
+        return self._healthy
 
     def request(self) -> None:
         """Start a pass at the next opportunity (e.g. the database answered again after spooling)."""
@@ -214,6 +231,8 @@ class SpoolReplayer:
         self._healthy = ok
         if stored:
             self._inserts += 1
+            if self._unconfirmed:
+                self._confirm_strikes()
 
     def abandon(self) -> None:
         """End the pass now, releasing its file for a later one (nothing is lost: the file stays)."""
@@ -221,6 +240,13 @@ class SpoolReplayer:
             self._file.release()
             self._file = None
         self._end_pass()
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: close this process's copy of the file the parent is replaying (see ``Spool``)."""
+        if self._file is not None:
+            self._file.claimed.release()
+            self._file = None
+        self._pending = None
 
     # -- a pass -------------------------------------------------------------------------------------------
 
@@ -261,10 +287,18 @@ class SpoolReplayer:
             self._rotate_own()
             candidates = scan(self.directory)
         current = {path.name for path in candidates}
+        if not self._quarantine_read:
+            # Stretches and items an earlier process set aside from files still here are not set aside again.
+            self._quarantine_read = True
+            try:
+                self._settled.update(key for key in self.quarantine.set_aside_parts() if key[0] in current)
+            except OSError as exc:
+                self._report("error", 0, f"cannot read the quarantine {self.quarantine.path}", exc)
         self._elsewhere &= current
         candidates = [path for path in candidates if path.name not in self._elsewhere]
         self._warned &= current
         self._strikes = {key: strikes for key, strikes in self._strikes.items() if key[0] in current}
+        self._unconfirmed = {key: first for key, first in self._unconfirmed.items() if key[0] in current}
         self._settled = {key for key in self._settled if key[0] in current}
         self._pending = candidates
 
@@ -390,19 +424,81 @@ class SpoolReplayer:
         if now - strikes.last >= self.interval:
             strikes.count += 1
             strikes.last = now
-        if strikes.count < POISON_STRIKES or self._inserts == strikes.inserts_at_first:
+        count, confirmed = self._shared_strike(key, confirmed=self._inserts > strikes.inserts_at_first)
+        count, confirmed = max(count, strikes.count), confirmed or self._inserts > strikes.inserts_at_first
+        if count < POISON_STRIKES or not confirmed:
             current.complete = False
             self._report(
                 "replay_failed",
                 len(traces),
                 f"ClickHouse rejected the record at byte {record.offset} of {current.claimed.path} "
-                f"({strikes.count} time(s)); it stays in the spool",
+                f"({count} time(s)); it stays in the spool",
                 error,
             )
             return
         self._split_and_quarantine(current, record, traces, error)
         del self._strikes[key]
+        self._unconfirmed.pop(key, None)
+        self._forget_strikes(lambda name: name == _book_name(key))
         self._settle(current, key)
+
+    def _shared_strike(self, key: tuple[str, int, str], *, confirmed: bool) -> tuple[int, bool]:
+        """Count a rejection in the strike book other processes share; return its count and whether confirmed.
+
+        A rejection counts at most once per ``interval`` there too (wall-clock time, as processes share it).
+        """
+        name, wall = _book_name(key), time.time()
+
+        def change(book: dict[str, Any]) -> tuple[int, bool]:
+            entry = book.get(name)
+            if not isinstance(entry, dict):
+                entry = {"count": 0, "last": wall - self.interval, "confirmed": False}
+            if wall - float(entry.get("last", 0)) >= self.interval:
+                entry["count"] = int(entry.get("count", 0)) + 1
+                entry["last"] = wall
+            entry["confirmed"] = bool(entry.get("confirmed")) or confirmed
+            book[name] = entry
+            return int(entry["count"]), bool(entry["confirmed"])
+
+        try:
+            count, shared_confirmed = self.strike_book.update(change)
+        except (OSError, ValueError, TypeError) as exc:
+            self._report("error", 0, f"cannot update the strike book {self.strike_book.path}", exc)
+            return 0, False
+        if not shared_confirmed:
+            self._unconfirmed[key] = self._strikes[key].inserts_at_first
+        return count, shared_confirmed
+
+    def _confirm_strikes(self) -> None:
+        """Inserts to the destination succeeded after records were rejected: say so in the shared book."""
+        names = {_book_name(key) for key, first in self._unconfirmed.items() if self._inserts > first}
+        if not names:
+            return
+        self._unconfirmed = {key: first for key, first in self._unconfirmed.items() if _book_name(key) not in names}
+
+        def change(book: dict[str, Any]) -> None:
+            for name in names:
+                if isinstance(book.get(name), dict):
+                    book[name]["confirmed"] = True
+
+        try:
+            self.strike_book.update(change)
+        except OSError as exc:
+            self._report("error", 0, f"cannot update the strike book {self.strike_book.path}", exc)
+
+    def _forget_strikes(self, forget: Callable[[str], bool]) -> None:
+        """Remove the book's entries whose names ``forget`` selects (their record or file is settled)."""
+        if not self.strike_book.path.exists():
+            return
+
+        def change(book: dict[str, Any]) -> None:
+            for name in [name for name in book if forget(name)]:
+                del book[name]
+
+        try:
+            self.strike_book.update(change)
+        except OSError as exc:
+            self._report("error", 0, f"cannot update the strike book {self.strike_book.path}", exc)
 
     def _split_and_quarantine(
         self, current: _OpenFile, record: Record, traces: list[LLMTrace], error: DatabaseError
@@ -448,6 +544,8 @@ class SpoolReplayer:
         self._healthy = True
         if stored:
             self._inserts += 1
+            if self._unconfirmed:
+                self._confirm_strikes()
         return None
 
     # -- the quarantine -----------------------------------------------------------------------------------
@@ -538,4 +636,5 @@ class SpoolReplayer:
             self._report("error", 0, f"cannot remove replayed spool file {path}; it will be replayed again", exc)
             return
         self._settled.difference_update(current.settled_keys)
+        self._forget_strikes(lambda name: name.rpartition(":")[0] == path.name)
         logger.info("llmtrace: replayed spool file %s (%d traces)", path, current.traces)

@@ -8,7 +8,9 @@ The no-loss path, in the order a trace takes it:
 2. **Retries** (this module). The thread writes batches with ``TraceRepository.add_many``. A transient
    failure (``DatabaseError.transient``, or an error that cannot be classified) is retried with backoff, as
    the same batch, so the repository's insert deduplication makes every retry exactly-once; a permanent one
-   is not retried: the batch goes to the spool at once.
+   is not retried: the batch goes to the spool at once. With a spool, a batch that exhausts its retries opens
+   the outage breaker: later batches are spooled without retries, and a single attempt probes the database
+   every ``max_backoff`` seconds, so that an outage drains the buffer at the spool's speed.
 3. **Spool** (:mod:`llmtrace.spool`, format in :mod:`llmtrace.spool_format`). Batches that could not be
    written are appended to checksummed files in ``spool_dir``; a file is published atomically, already
    locked, and rotated by size.
@@ -32,6 +34,7 @@ import os
 import random
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -167,6 +170,17 @@ class WriterEvent:
     error: BaseException | None = None
 
 
+class _NeedsPublishing(Exception):  # noqa: N818 (a reason)
+    """An append that would have needed an fsync (a new spool file) on a thread that must not wait for the disk."""
+
+
+class _OutageContinues(Exception):  # noqa: N818 (a reason, given to on_error)
+    """A batch spooled without a write attempt: the database failed every recent attempt (the outage breaker)."""
+
+    def __init__(self, last_error: str | None) -> None:
+        super().__init__(f"the database is still failing; last error: {last_error}")
+
+
 _SERIOUS = frozenset({"failed", "unconfirmed", "dropped", "spool_lost", "quarantined", "unreadable", "error"})
 
 
@@ -204,11 +218,15 @@ class TraceWriter:
         overflow: What ``submit`` does when the buffer is full: ``"block"`` (wait up to ``submit_timeout``,
             then raise :class:`WriterQueueFull`), ``"drop_oldest"``, ``"drop_newest"``, or ``"spool"``
             (collect overflowing traces into records of ``OVERFLOW_RECORD_TRACES`` and write each to
-            ``spool_dir`` on the caller's thread that fills it; the writer's thread fsyncs them).
+            ``spool_dir`` on the caller's thread that fills it; the writer's thread fsyncs them, and writes a
+            record that needs a new spool file, so that no fsync runs on the caller's thread). While the
+            database is down (see ``max_backoff``), ``"block"`` with a ``spool_dir`` spools like ``"spool"``.
         spool_dir: Directory for batches that cannot be written; ``None`` means they are lost (and logged).
         max_retries: Retries of a transiently failing batch before it is spooled (or lost).
         retry_backoff: First retry delay in seconds; doubles on each retry, with +/-50% jitter.
-        max_backoff: Cap on the retry delay, in seconds.
+        max_backoff: Cap on the retry delay, in seconds. With a ``spool_dir``, also the interval between write
+            attempts once a batch has exhausted its retries: until one succeeds (live or replayed), batches are
+            spooled at once, without retries.
         submit_timeout: For ``overflow="block"``: seconds ``submit`` waits for room; ``None`` waits forever.
         on_error: Called on the writer's thread with a :class:`WriterEvent` for every problem; exceptions
             it raises are logged and ignored.
@@ -253,7 +271,9 @@ class TraceWriter:
 
         self._spool: Spool | None = None
         self._replayer: SpoolReplayer | None = None
-        self._spool_lock = threading.Lock()  # never held while taking self._lock
+        # Never held while taking self._lock. Re-entrant only so that close() can tell whether this thread holds
+        # it (a signal handler interrupted it); it is never taken twice.
+        self._spool_lock = threading.RLock()
         if spool_dir is not None:
             try:
                 self._spool = Spool(spool_dir, destination=repository.destination, max_file_bytes=max_spool_file_bytes)
@@ -273,7 +293,9 @@ class TraceWriter:
                 idle=self._idle,
             )
 
-        self._lock = threading.Lock()
+        # Re-entrant, so that a signal handler that interrupts submit() on its thread can still read the stats or
+        # close the writer (see close()).
+        self._lock = threading.RLock()
         self._wake_writer = threading.Condition(self._lock)
         self._room = threading.Condition(self._lock)
         self._progress = threading.Condition(self._lock)
@@ -286,6 +308,9 @@ class TraceWriter:
         self._in_flight: _Batch | None = None
         self._in_transit = 0  # traces taken out of memory on their way to the spool, outside the lock
         self._overflow: list[_Frozen] = []
+        # Overflow records a submit could not append without an fsync (the spool needed a new file): the
+        # writer's thread writes them, so that no fsync runs on the caller's thread.
+        self._handed_over: deque[tuple[int, list[LLMTrace]]] = deque()
         self._overflow_since = 0.0
         # flush() waits for two lanes: the buffer, settled in order (counters suffice), and overflow records,
         # which callers write concurrently (so each record gets a ticket, and the lane is done up to the
@@ -300,6 +325,12 @@ class TraceWriter:
         self._stopped: BaseException | None = None
         self._give_up = threading.Event()
         self._spooled_since_success = False
+        # The outage breaker (with a spool only): set when a batch exhausted its retries on a transient failure.
+        # While it is set, batches go to the spool at once, one write attempt (a probe) is made at most every
+        # max_backoff seconds, and a full buffer spools instead of blocking submit(). Cleared by any successful
+        # write, live or replayed.
+        self._outage = False
+        self._next_probe_at = 0.0
         self._dropped_unreported = 0
         self._unreported: list[WriterEvent] = []
         self._counts = dict.fromkeys(
@@ -307,8 +338,11 @@ class TraceWriter:
         )
         self._last_error: str | None = None
 
+        self._pid = os.getpid()
+        self._forked_from: int | None = None  # the pid of the process that created it, in a forked child
         self._thread = threading.Thread(target=self._run, name="llmtrace-writer", daemon=True)
         self._thread.start()
+        _live_writers.add(self)
         exit_hook.close_at_exit(self)
 
     # -- the caller's side --------------------------------------------------------------------------------
@@ -343,10 +377,17 @@ class TraceWriter:
             elif action == "spool":
                 record = self._add_overflow(snapshot)
         if record is not None:
-            self._write_overflow(record)
+            self._write_overflow(record, on_caller=True)
 
     def _check_accepting(self) -> None:
         """Raise if traces can no longer be accepted (lock held)."""
+        if self._forked_from is not None:
+            raise WriterStopped(
+                f"This TraceWriter was created in process {self._forked_from}, before this process forked from it; "
+                "its thread, buffer and connections stayed there, so it accepts no traces here. Create the writer "
+                "after the fork, in the process that uses it (e.g. in gunicorn's post_fork hook or the worker's "
+                "start-up, or with multiprocessing's 'spawn' start method)."
+            )
         if self._stopped is not None:
             raise WriterStopped(
                 f"This TraceWriter's thread stopped on an unexpected error ({self._stopped!r}); it accepts no "
@@ -357,9 +398,12 @@ class TraceWriter:
 
     def _make_room(self, wait: float | None) -> Literal["queue", "spool", "drop"]:
         """Apply the overflow policy to a full buffer (lock held); say what to do with the new trace."""
+        if self.overflow == "block" and self._outage:
+            return "spool"  # the database is down and a spool is set: what it is for, rather than blocking
         if self.overflow == "block":
             has_room = self._room.wait_for(
-                lambda: self._depth < self.max_queue or self._closing or self._stopped is not None, timeout=wait
+                lambda: self._depth < self.max_queue or self._closing or self._stopped is not None or self._outage,
+                timeout=wait,
             )
             if not has_room:
                 raise WriterQueueFull(
@@ -371,7 +415,7 @@ class TraceWriter:
                 if self._stopped is None:
                     raise WriterClosed("This TraceWriter closed while submit() waited for room.")
                 self._check_accepting()
-            return "queue"
+            return "spool" if self._depth >= self.max_queue else "queue"
         if self.overflow == "spool":
             return "spool"
         self._counts["dropped"] += 1
@@ -417,14 +461,43 @@ class TraceWriter:
         self._in_transit += len(traces)
         return self._tickets_issued, traces
 
-    def _write_overflow(self, record: tuple[int, list[_Frozen]]) -> None:
-        """Write an overflow record to the spool, on whichever thread took it; never raises."""
-        ticket, traces = record
-        # No fsync here: the writer's thread fsyncs after its current batch, so that a burst shares one fsync.
-        error = self._append_to_spool(_thaw_all(traces), sync=False)
+    def _write_overflow(
+        self, record: tuple[int, list[_Frozen]], spool: Spool | None = None, *, on_caller: bool = False
+    ) -> None:
+        """Write an overflow record to the spool, on whichever thread took it; never raises.
+
+        ``on_caller``: on the thread of a ``submit``, which must not wait for the disk. The record is appended
+        only if the spool's current file can take it without an fsync; otherwise it is handed to the writer's
+        thread (still counted in flight).
+        """
+        ticket, frozen = record
+        traces = _thaw_all(frozen)
+        if on_caller:
+            error = self._append_to_spool(traces, sync=False, only_if_open=True)
+            if isinstance(error, _NeedsPublishing):
+                with self._lock:
+                    self._handed_over.append((ticket, traces))
+                    self._wake_writer.notify()
+                return
+        else:
+            # No fsync here: the writer's thread fsyncs after its current batch, so that a burst shares one.
+            error = self._append_to_spool(traces, sync=False, spool=spool)
+        self._overflow_written(ticket, len(traces), error)
+
+    def _write_handed_over(self, spool: Spool | None = None) -> None:
+        """Write the overflow records submits handed over (on the writer's thread, or when closing)."""
+        while True:
+            with self._lock:
+                if not self._handed_over:
+                    return
+                ticket, traces = self._handed_over.popleft()
+            error = self._append_to_spool(traces, sync=False, spool=spool)
+            self._overflow_written(ticket, len(traces), error)
+
+    def _overflow_written(self, ticket: int, count: int, error: BaseException | None) -> None:
         with self._lock:
-            self._in_transit -= len(traces)
-            self._count_spool_outcome(len(traces), error)
+            self._in_transit -= count
+            self._count_spool_outcome(count, error)
             self._tickets_done.add(ticket)
             while self._tickets_done_upto + 1 in self._tickets_done:
                 self._tickets_done_upto += 1
@@ -439,11 +512,14 @@ class TraceWriter:
         Returns:
             ``True`` if that happened within ``timeout`` seconds (``None`` waits as long as it takes).
         """
+        # A signal handler that interrupted this writer's code on this thread: waiting would let the writer's
+        # thread in while that code is half-way through (or deadlock), so it only says whether all is done.
+        interrupted = _held_here(self._lock) or _held_here(self._spool_lock)
         record = None
         with self._lock:
             target = self._enqueued
             self._flush_target = max(self._flush_target, target)
-            if self._overflow:
+            if self._overflow and not interrupted:
                 record = self._take_overflow()
             ticket = self._tickets_issued
             self._wake_writer.notify()
@@ -454,7 +530,8 @@ class TraceWriter:
             return self._settled >= target and self._tickets_done_upto >= ticket
 
         with self._lock:
-            self._progress.wait_for(lambda: done() or self._stopped is not None, timeout=timeout)
+            if not interrupted:
+                self._progress.wait_for(lambda: done() or self._stopped is not None, timeout=timeout)
             return done()
 
     def close(self, timeout: float | None = None) -> WriterStats:
@@ -464,10 +541,17 @@ class TraceWriter:
         waiting, and the batch being written, go to the spool (if set) or are counted as failed and logged.
         Closing again returns the final counters again.
 
+        Safe to call from a signal handler. If the handler interrupted this writer's own code on the same
+        thread (a ``submit`` in progress), the writer's thread cannot make progress until the handler returns,
+        so ``close`` does not wait for it: it spools what the buffer holds at once, into a spool file of its
+        own, and returns. The trace whose ``submit`` was interrupted is written by the writer's thread if the
+        process goes on, and is counted as pending if it does not.
+
         Returns:
             The final :class:`WriterStats`: ``written`` (stored), ``spooled`` (durable in the spool, replayed by
             the next writer on the directory), ``lost`` (``dropped + failed``: alert when it is not 0).
         """
+        interrupted = _held_here(self._lock) or _held_here(self._spool_lock)
         with self._lock:
             first = not self._closing
             self._closing = True
@@ -475,13 +559,39 @@ class TraceWriter:
             self._room.notify_all()
         if first:
             exit_hook.forget(self)
+        if interrupted:
+            self._close_interrupted()
+            return self._log_closed(first)
         self._thread.join(timeout)
         if self._thread.is_alive():
             self._give_up.set()  # a stalled write that fails from now on is not retried
             self._salvage(f"close() gave up after {timeout} s")
+        if not self._thread.is_alive():
+            self._guarded("spooling overflowing traces", self._write_handed_over)
         self._guarded("closing the spool file", self._rotate_spool)
         if not self._thread.is_alive():
             self._report_pending()
+        return self._log_closed(first)
+
+    def _close_interrupted(self) -> None:
+        """close() from a signal handler that interrupted this thread inside the writer: spool without waiting.
+
+        The writer's locks are held further up this thread's stack, so neither the writer's thread nor the
+        spool file being appended to can be waited for: the buffer goes to a spool file of its own.
+        """
+        self._give_up.set()
+        spool = None
+        if self._spool is not None:
+            try:
+                spool = Spool(self._spool.directory, destination=self._spool.destination)
+            except OSError:
+                logger.exception("llmtrace: close() from a signal handler cannot use the spool; traces stay queued")
+                return
+        self._salvage("close() interrupted the writer on its own thread (a signal handler)", spool=spool)
+        if spool is not None:
+            self._guarded("closing the spool file", spool.rotate)
+
+    def _log_closed(self, first: bool) -> WriterStats:
         stats = self.stats
         if first and (stats.spooled or stats.lost or stats.unconfirmed or stats.pending):
             logger.log(
@@ -524,6 +634,48 @@ class TraceWriter:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    # -- fork -------------------------------------------------------------------------------------------------
+
+    def _after_fork_in_child(self) -> None:
+        """In a child forked from the writer's process: let go of everything that belongs to the parent.
+
+        Only the forking thread survives a fork, so the writer's thread is gone here, and its locks may have been
+        held by it at that instant: they are made anew. The buffer, the batch in flight and the counters are the
+        parent's (the parent writes those traces), so the child's writer starts empty, accepts nothing
+        (:meth:`submit` raises :class:`WriterStopped`), and its ``flush`` and ``close`` return at once. The
+        child's copies of the spool's file descriptors are closed: a lock (``flock``) belongs to every copy of
+        a descriptor, so a copy kept by a long-lived child would keep the parent's spool file locked, and
+        unreplayable, after the parent let go of it.
+        """
+        self._forked_from = self._pid
+        self._pid = os.getpid()
+        self._lock = threading.RLock()
+        self._wake_writer = threading.Condition(self._lock)
+        self._room = threading.Condition(self._lock)
+        self._progress = threading.Condition(self._lock)
+        self._spool_lock = threading.RLock()
+        self._give_up = threading.Event()
+        self._give_up.set()
+        self._closing = True
+        self._sealed.clear()
+        self._open = []
+        self._overflow = []
+        self._handed_over.clear()
+        self._depth = self._in_transit = 0
+        self._in_flight = None
+        self._enqueued = self._settled = self._flush_target = 0
+        self._tickets_issued = self._tickets_done_upto = 0
+        self._tickets_done = set()
+        self._dropped_unreported = 0
+        self._unreported = []
+        self._counts = dict.fromkeys(self._counts, 0)
+        self._last_error = None
+        if self._spool is not None:
+            self._spool.forget_after_fork()
+        if self._replayer is not None:
+            self._replayer.forget_after_fork()
+        exit_hook.forget(self)
 
     # -- the writer's thread ------------------------------------------------------------------------------
 
@@ -570,13 +722,15 @@ class TraceWriter:
 
     def _seconds_until_chores(self, now: float) -> float:
         """How long the thread may sleep before something else than a live batch needs it (lock held)."""
-        if self._dropped_unreported or self._unreported:
+        if self._dropped_unreported or self._unreported or self._handed_over:
             return 0.0
         wait = self.flush_interval
         if self._overflow:
             wait = min(wait, self._overflow_since + self.flush_interval - now)
         if self._replayer is not None:
             wait = min(wait, self._replayer.seconds_until_due(now))
+        if self._outage:
+            wait = min(wait, self._next_probe_at - now)
         return wait
 
     def _chores(self) -> None:
@@ -584,18 +738,33 @@ class TraceWriter:
         self._guarded("spooling overflowing traces", self._spool_overflow, True)
         self._guarded("syncing the spool", self._sync_spool)
         self._report_pending()
-        if self._replayer is not None and self._replayer.due(time.monotonic()):
+        if self._replayer is None:
+            return
+        now = time.monotonic()
+        if self._outage and now >= self._next_probe_at:
+            # No live batch came to probe the database with: a replay pass does (a write like any other).
+            self._next_probe_at = now + self.max_backoff
+            self._replayer.request()
+        if self._replayer.due(now):
             self._guarded("replaying the spool", self._replayer.run, self._live_work_waits)
+            if self._replayer.healthy:
+                self._end_outage()
 
     def _live_work_waits(self) -> bool:
         """Whether a replay pass should pause for live traffic (or a close)."""
         with self._lock:
-            if self._closing or self._sealed or self._dropped_unreported or self._unreported:
+            if self._closing or self._sealed or self._dropped_unreported or self._unreported or self._handed_over:
                 return True
             return bool(self._open) and time.monotonic() >= self._open_since + self.flush_interval
 
     def _write(self, batch: _Batch) -> None:
         traces = _thaw_all(batch.traces)
+        if self._outage and self._replayer is not None and self._replayer.healthy:
+            self._end_outage()  # a replayed insert succeeded: the database answers again
+        probe = self._outage
+        if probe and time.monotonic() < self._next_probe_at:
+            self._abandon(batch, _OutageContinues(self._last_error), traces)
+            return
         attempt = 0
         while True:
             try:
@@ -604,7 +773,9 @@ class TraceWriter:
                 retry = self._note_failure(exc, first=attempt == 0)
                 # Once an attempt may have stored the batch, only a later confirmation or replay can say it did not.
                 batch.maybe_stored = batch.maybe_stored or isinstance(exc, WriteUnconfirmed)
-                if not retry or attempt >= self.max_retries or self._give_up.is_set():
+                if not retry or attempt >= self.max_retries or self._give_up.is_set() or probe:
+                    if retry and self._spool is not None:
+                        self._start_outage(probe)
                     self._abandon(batch, exc, traces)
                     return
                 attempt += 1
@@ -619,6 +790,25 @@ class TraceWriter:
             else:
                 self._written(batch, stored)
                 return
+
+    def _start_outage(self, probe: bool) -> None:
+        """A batch exhausted its retries (or a probe failed): spool the next batches at once until a probe works."""
+        self._next_probe_at = time.monotonic() + self.max_backoff
+        if not probe:
+            with self._lock:
+                self._outage = True
+                self._room.notify_all()
+            logger.warning(
+                "llmtrace: the database keeps failing; batches go to the spool without retries, and one write is "
+                "tried every %.1f s until it succeeds",
+                self.max_backoff,
+            )
+
+    def _end_outage(self) -> None:
+        with self._lock:
+            was, self._outage = self._outage, False
+        if was:
+            logger.warning("llmtrace: the database answers again; batches are written (and retried) as usual")
 
     def _note_failure(self, exc: Exception, *, first: bool) -> bool:
         """Record a failed write; return whether retrying it may help."""
@@ -642,6 +832,7 @@ class TraceWriter:
     def _written(self, batch: _Batch, stored: int) -> None:
         if self._replayer is not None:
             self._replayer.note_write(ok=True, stored=stored)
+        self._end_outage()
         with self._lock:
             late = batch.state == "taken"
             if not late:
@@ -721,13 +912,18 @@ class TraceWriter:
         except BaseException:
             logger.exception("llmtrace: could not save the traces of a stopped trace writer")
 
-    def _salvage(self, reason: str) -> None:
-        """Spool (or count as failed) everything held in memory, including a batch the thread is stuck on."""
+    def _salvage(self, reason: str, spool: Spool | None = None) -> None:
+        """Spool (or count as failed) everything held in memory, including a batch the thread is stuck on.
+
+        ``spool``: a spool to use instead of the writer's own (see :meth:`_close_interrupted`).
+        """
         with self._lock:
             held = [trace for batch in self._sealed for trace in batch] + self._open
             self._sealed.clear()
             self._open = []
-            self._depth = 0
+            # Not set to 0: a submit interrupted (by a signal handler calling close) between adding a trace and
+            # counting it finishes its count afterwards, and the depth must then come out right.
+            self._depth -= len(held)
             stuck = self._in_flight
             if stuck is not None and stuck.state == "writing":
                 stuck.state = "taken"
@@ -737,40 +933,63 @@ class TraceWriter:
             self._in_transit += len(held)
             record = self._take_overflow() if self._overflow else None
             self._room.notify_all()
+        self._write_handed_over(spool)
         if record is not None:
-            self._write_overflow(record)
-        if held:
-            error = self._append_to_spool(_thaw_all(held), sync=True) if self._spool is not None else None
+            self._write_overflow(record, spool)
+        # In records of batch_size, as the thread spools batches: replay reads a record whole, so a record of
+        # the whole buffer would make replay's memory grow with max_queue (and could outgrow the frame's length).
+        for start in range(0, len(held), self.batch_size):
+            part = held[start : start + self.batch_size]
+            last = start + self.batch_size >= len(held)
+            error = self._append_to_spool(_thaw_all(part), sync=last, spool=spool) if self._spool is not None else None
             with self._lock:
-                self._in_transit -= len(held)
-                self._settled += len(held)
+                self._in_transit -= len(part)
+                self._settled += len(part)
                 if self._spool is None:
-                    self._counts["failed"] += len(held)
+                    self._counts["failed"] += len(part)
                 else:
-                    self._count_spool_outcome(len(held), error)
+                    self._count_spool_outcome(len(part), error)
                 self._progress.notify_all()
+        if held:
             destination = f"spooled to {self._spool.directory}" if self._spool else "lost (no spool_dir set)"
             logger.error("llmtrace: %s; %d trace(s) not written to ClickHouse were %s", reason, len(held), destination)
-        if spooling is not None:
+        if spooling is not None and spool is None:
             # The thread is spooling its batch (local I/O): give it a moment so that close() can report it.
             with self._lock:
                 self._progress.wait_for(lambda: spooling.state == "settled", timeout=_SPOOLING_GRACE_SECONDS)
 
     # -- the spool ----------------------------------------------------------------------------------------
 
-    def _append_to_spool(self, traces: list[LLMTrace], *, sync: bool) -> BaseException | None:
-        """Append a batch to the spool; return the error instead of raising it (the caller counts it)."""
+    def _append_to_spool(
+        self, traces: list[LLMTrace], *, sync: bool, spool: Spool | None = None, only_if_open: bool = False
+    ) -> BaseException | None:
+        """Append a batch to the spool; return the error instead of raising it (the caller counts it).
+
+        ``spool``: a spool of this thread's own to use instead of the writer's (no lock needed).
+        ``only_if_open``: append only if no fsync is needed (see ``Spool.try_append``); if one is, nothing is
+        appended and a :class:`_NeedsPublishing` is returned.
+        """
         assert self._spool is not None
+        vanished = 0
+        error: BaseException | None = None
         try:
-            with self._spool_lock:
+            if spool is not None:
                 try:
-                    self._spool.append(traces, sync=sync)
+                    spool.append(traces, sync=sync)
                 finally:
-                    vanished = self._spool.take_vanished()
+                    vanished = spool.take_vanished()
+            else:
+                with self._spool_lock:
+                    try:
+                        if only_if_open:
+                            if not self._spool.try_append(traces):
+                                error = _NeedsPublishing()
+                        else:
+                            self._spool.append(traces, sync=sync)
+                    finally:
+                        vanished = self._spool.take_vanished()
         except Exception as exc:
-            error: BaseException | None = exc
-        else:
-            error = None
+            error = exc
         with self._lock:
             if vanished:
                 # Counted as spooled when they were appended; their file is gone, so they are lost after all.
@@ -779,7 +998,9 @@ class TraceWriter:
                 self._unreported.append(
                     WriterEvent("spool_lost", vanished, f"the spool file was removed from {self._spool.directory}")
                 )
-            if error is not None:
+            if isinstance(error, _NeedsPublishing):
+                pass  # nothing appended: the caller hands the batch over
+            elif error is not None:
                 self._counts["errors"] += 1
                 self._last_error = f"spool write failed: {error}"
                 self._unreported.append(
@@ -795,6 +1016,7 @@ class TraceWriter:
         self._counts["spooled" if error is None else "failed"] += count
 
     def _spool_overflow(self, only_if_due: bool = False) -> None:
+        self._write_handed_over()
         with self._lock:
             due = self._overflow and (
                 not only_if_due
@@ -822,7 +1044,7 @@ class TraceWriter:
 
     def _idle(self) -> bool:
         with self._lock:
-            return not self._sealed and not self._open and not self._overflow
+            return not self._sealed and not self._open and not self._overflow and not self._handed_over
 
     # -- problems -----------------------------------------------------------------------------------------
 
@@ -864,6 +1086,25 @@ class TraceWriter:
                 self.on_error(event)
             except Exception:
                 logger.exception("llmtrace: the on_error callback raised")
+
+
+def _held_here(lock: Any) -> bool:
+    """Whether this thread holds ``lock`` (a ``threading.RLock``)."""
+    return bool(lock._is_owned())
+
+
+# Every writer of this process, for the fork handler below.
+_live_writers: weakref.WeakSet[TraceWriter] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for writer in list(_live_writers):
+        if writer._forked_from is None:
+            writer._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _freeze(trace: LLMTrace | Mapping[str, Any]) -> _Frozen:

@@ -141,7 +141,12 @@ def test_items_the_model_rejects_are_reported_with_the_valid_ones_kept(
 
 
 @pytest.mark.parametrize(
-    ("body", "problem"), [(b'{"traces": []}', "not a list of traces"), (b"\xff\xfe not json", "not JSON")]
+    ("body", "problem"),
+    [
+        (b'{"traces": []}', "not a list of traces"),
+        (b"\xff\xfe not json", "not JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, "RecursionError"),  # the decoder raises beyond its own errors
+    ],
 )
 def test_a_record_that_is_not_a_list_of_traces_is_reported_whole(tmp_path: Path, body: bytes, problem: str) -> None:
     path = tmp_path / "a.spool"
@@ -272,6 +277,37 @@ def test_paths_that_are_not_spool_files_cannot_be_claimed(tmp_path: Path, conten
         claim(path, destination=DESTINATION)
     assert raised.value.kind == kind
     assert path.exists()
+
+
+def test_paths_that_are_not_regular_files_are_never_opened(tmp_path: Path) -> None:
+    # Opening a named pipe for reading blocks until a writer opens it: claim and the clean-up must not open it.
+    pipe, link = tmp_path / "pipe.spool", tmp_path / "link.spool"
+    os.mkfifo(pipe)
+    write_file(tmp_path / "target", BATCHES)
+    link.symlink_to(tmp_path / "target")
+    os.mkfifo(tmp_path / f".pipe{TEMPORARY_SUFFIX}")
+    old = time.time() - STALE_TEMPORARY_SECONDS - 1
+    os.utime(tmp_path / f".pipe{TEMPORARY_SUFFIX}", (old, old))
+    outcome: dict[str, str] = {}
+    scanned: list[Path] = []
+
+    def attempt() -> None:
+        scanned.extend(scan(tmp_path))
+        for path in (pipe, link):
+            try:
+                claim(path, destination=DESTINATION)
+            except NotClaimable as exc:
+                outcome[path.name] = exc.kind
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(10)
+    if thread.is_alive():
+        os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))  # release the stuck open
+        pytest.fail("opening a named pipe blocked")
+    assert sorted(scanned) == [link, pipe]
+    assert outcome == {"pipe.spool": "foreign", "link.spool": "foreign"}
+    assert (tmp_path / f".pipe{TEMPORARY_SUFFIX}").exists() and (tmp_path / "target").exists()
 
 
 def test_a_file_removed_while_appended_to_is_reported_and_a_new_one_started(tmp_path: Path) -> None:
