@@ -45,7 +45,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any
 
@@ -256,12 +256,14 @@ def read_retention(client: Any, storage_table: str, retained: RetainedTable) -> 
 def read_row_retention(client: Any, storage_table: str) -> tuple[Retention, datetime]:
     """The row retention of ``storage_table`` (payloads left out) and the server's current time, in one query.
 
+    A missing table has no retention: the statement that needs the table reports it, as it would without this read.
+
     Raises:
         ConfigurationError: The table's TTL is not one this module writes.
     """
     rows = client.query(_TABLE, parameters={"table": storage_table}).result_rows
     if not rows:
-        raise SchemaNotMigratedError(f"The {storage_table} table does not exist in this database.")
+        return Retention(), datetime.now(UTC)
     engine_full, now = rows[0]
     retained = RETAINED_TABLES[TABLE_NAME]
     return Retention(rows_days=_rows_days(engine_full, storage_table, retained)), now
