@@ -4,13 +4,15 @@ stored and read back as ClickHouse keeps them, and live batches pay nothing for 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
 
-from llmtrace import LLMTrace, Retention, TraceRepository, TraceValidationError, ingest, set_retention
+from llmtrace import LLMTrace, Retention, TraceRepository, TraceValidationError, TraceWriter, ingest, set_retention
 from tests.factories import make_trace
 from tests.integration.test_retention import PAYLOADS, scalar, stored_ids, wait_until
+from tests.spool_files import quarantine_entries
 
 
 @pytest.fixture
@@ -88,3 +90,27 @@ def test_a_naive_created_at_is_compared_as_utc(migrated_engine: Engine) -> None:
     trace = LLMTrace.model_validate({**make_trace(0).model_dump(), "created_at": naive})
     with pytest.raises(TraceValidationError, match="row retention of 5 day"):
         TraceRepository(migrated_engine).add(trace)
+
+
+def test_a_writer_stores_the_rest_of_a_batch_and_quarantines_its_expired_traces(
+    migrated_engine: Engine, repository: TraceRepository, tmp_path: Path
+) -> None:
+    set_retention(migrated_engine, rows_days=30, payload_days=None)
+    now = datetime.now(UTC)
+    live = [make_trace(index, created_at=now - timedelta(minutes=index)) for index in range(8)]
+    expired = make_trace(99, created_at=now - timedelta(days=40))
+    writer = TraceWriter(repository, batch_size=6, flush_interval=0.05, spool_dir=tmp_path, replay_interval=0.1)
+    for trace in [*live[:3], expired, *live[3:5]]:
+        writer.submit(trace)
+    # The batch is refused whole and spooled; replay sets the expired trace aside once it keeps being refused while
+    # other writes succeed (a refusal alone could be a broken database).
+    wait_until(lambda: writer.stats.spooled == 6, "the refused batch spooled")
+    for trace in live[5:]:
+        writer.submit(trace)
+    wait_until(lambda: writer.stats.quarantined == 1, "the expired trace quarantined")
+    final = writer.close(timeout=10)
+    assert stored_ids(migrated_engine) == {trace.id for trace in live}
+    assert (final.written, final.spooled, final.replayed, final.quarantined, final.lost) == (3, 6, 5, 1, 0)
+    (entry,) = quarantine_entries(tmp_path)
+    assert "row retention of 30 day(s)" in entry["reason"]
+    assert [trace["id"] for trace in entry["traces"]] == [expired.id]
