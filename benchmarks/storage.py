@@ -31,7 +31,8 @@ from llmtrace.retention import PAYLOAD_COLUMNS
 from llmtrace.synthetic import synthetic_traces
 
 _PARTS = (
-    "SELECT sum(rows), sum(bytes_on_disk), count() FROM system.parts "
+    "SELECT sum(rows), sum(bytes_on_disk), count(), "
+    "arrayStringConcat(arraySort(groupUniqArray(default_compression_codec)), '+') FROM system.parts "
     "WHERE database = currentDatabase() AND table = 'llm_traces' AND active"
 )
 _COLUMNS = (
@@ -73,6 +74,9 @@ class Storage:
     rows: int
     parts: int
     on_disk: int
+    # Columns without a CODEC get the server's default for the part, which its <compression> rules may make
+    # ZSTD for big parts instead of LZ4 (the embedded engine does).
+    default_codecs: str
     compressed: dict[bool, int]  # by "is a payload column"
     uncompressed: dict[bool, int]
 
@@ -86,12 +90,13 @@ class Storage:
 
 def measure(engine: Engine) -> Storage:
     with engine.connect() as connection:
-        rows, on_disk, parts = connection.execute(text(_PARTS)).one()
+        rows, on_disk, parts, codecs = connection.execute(text(_PARTS)).one()
         by_group = connection.execute(text(_COLUMNS), {"payloads": PAYLOAD_COLUMNS}).all()
     return Storage(
         rows=int(rows),
         parts=int(parts),
         on_disk=int(on_disk),
+        default_codecs=str(codecs),
         compressed={bool(payload): int(c) for payload, c, _ in by_group},
         uncompressed={bool(payload): int(u) for payload, _, u in by_group},
     )
@@ -118,7 +123,8 @@ def report(label: str, storage: Storage) -> None:
         f" | on disk {storage.per_trace(storage.on_disk):>8,.0f} B/trace"
         f" | compressed: payloads {storage.per_trace(storage.compressed[True]):>7,.0f} B, other columns"
         f" {storage.per_trace(storage.compressed[False]):>4,.0f} B | compression ratio {storage.ratio():.1f}x"
-        f" (payloads {storage.ratio(True):.1f}x, other {storage.ratio(False):.1f}x)"
+        f" (payloads {storage.ratio(True):.1f}x, other {storage.ratio(False):.1f}x;"
+        f" default codec {storage.default_codecs})"
     )
 
 

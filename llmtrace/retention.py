@@ -16,11 +16,12 @@ drift (a test checks this).
 How ClickHouse applies it, and what that costs (measured on ClickHouse 26.9, the embedded engine):
 
 - The table is partitioned by month, and ``ttl_only_drop_parts = 1`` makes the row TTL drop a data part only once
-  every row in it has expired: a part is unlinked, never rewritten, to remove old rows. Parts never span
-  partitions, and merges grow each month's parts towards one, so a trace goes at the earliest ``rows_days`` after
-  it was created and at the latest ``rows_days`` after the end of its month (rows_days=30: a trace of 1 March goes
-  by 30 April, plus the time the background drop takes). Rows of a part that is rewritten anyway (merged with a
-  newer part of the same month, or rewritten for the payload TTL) are removed in that rewrite, so some go earlier.
+  every row in it has expired: it is replaced with an empty part, and nothing is rewritten to remove old rows.
+  Parts never span partitions, and merges grow each month's parts towards one, so a trace goes at the earliest
+  ``rows_days`` after it was created and at the latest ``rows_days`` after the end of its month (rows_days=30: a
+  trace of 1 March goes by 30 April, plus the time the background drop takes). Rows of a part that is rewritten
+  anyway (merged with a newer part of the same month, or rewritten for the payload TTL) are removed in that
+  rewrite, so some go earlier.
   Exact row deletion would rewrite the oldest month's parts at every TTL merge (by default every 4 hours per
   partition, ``merge_with_ttl_timeout``) for as long as the month takes to expire.
 - Payload retention has to rewrite parts: emptying a value is a new part without it. ClickHouse does it in
@@ -30,9 +31,10 @@ How ClickHouse applies it, and what that costs (measured on ClickHouse 26.9, the
 - Parts written before retention was set carry no TTL information, and ClickHouse would apply the new TTL only to
   parts written or merged afterwards; an old month that is never merged again would be kept forever. So
   :func:`set_retention` materializes the TTL on existing parts (``materialize=True``), with
-  ``materialize_ttl_recalculate_only = 1``: the mutation reads only ``created_at`` of every part and records its
-  TTL bounds (no data is rewritten by it); whole expired parts are then dropped and payloads emptied by the
-  background merges above. Without that setting, ``MATERIALIZE TTL`` rewrites every part of the table at once.
+  ``materialize_ttl_recalculate_only = 1``: the mutation computes each part's TTL bounds from ``created_at`` and
+  hard-links its column files into the new part (compact parts, under 10 MB, are copied); whole expired parts are
+  then dropped and payloads emptied by the background merges above. Without that setting, ``MATERIALIZE TTL``
+  rewrites every part of the table at once.
 - Inserting a trace that is already past the row retention stores it, and ClickHouse drops it at the next merge,
   within milliseconds on this engine: ``add_many`` refuses such traces instead (:mod:`llmtrace.ingest`).
 

@@ -6,6 +6,7 @@ already past it), then the TTL is materialized explicitly and the parts are read
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -265,3 +266,30 @@ def test_cluster_statements_parse_with_on_cluster_on_the_local_table(engine: Eng
         "RESET SETTING",
     ]
     assert all(any(kind in statement for statement in parsed) for kind in kinds)
+
+
+ACTIVE_PARTS = "FROM system.parts WHERE database = currentDatabase() AND table = 'llm_traces' AND active"
+
+
+def test_materializing_recalculates_ttl_bounds_without_rewriting_column_files(
+    migrated_engine: Engine, repository: TraceRepository
+) -> None:
+    # Parts of more than min_bytes_for_wide_part (10 MB) keep a file per column, which a mutation can hard-link;
+    # smaller (compact) parts hold every column in one file, which this engine rewrites. Here every part is wide.
+    with migrated_engine.connect() as connection:
+        connection.execute(text("ALTER TABLE llm_traces MODIFY SETTING min_bytes_for_wide_part = 0"))
+    now = datetime.now(UTC)
+    # Less than 7 days old: no TTL merge has anything to do.
+    repository.add_many([make_trace(index, created_at=now - timedelta(hours=index)) for index in range(100)])
+    data = (".bin", ".mrk2", ".cmrk2", ".mrk3", ".cmrk3")
+
+    def data_files() -> dict[str, int]:
+        path = str(scalar(migrated_engine, f"SELECT path {ACTIVE_PARTS}"))
+        return {name: os.stat(os.path.join(path, name)).st_ino for name in os.listdir(path) if name.endswith(data)}
+
+    before = data_files()
+    set_retention(migrated_engine, rows_days=30, payload_days=7)
+    materialize_ttl(migrated_engine)
+    assert scalar(migrated_engine, f"SELECT countIf(delete_ttl_info_max > 0) {ACTIVE_PARTS}") == 1
+    assert len(before) > 30
+    assert data_files() == before  # the same files, hard-linked into the part that carries the TTL bounds
