@@ -37,6 +37,7 @@ bench: install
 	$(BIN)/python benchmarks/reads.py
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/writer.py
+	$(BIN)/python benchmarks/storage.py
 
 clean:
 	rm -rf $(VENV) .llmtrace .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -23,6 +23,7 @@ from llmtrace.model import LLMTrace
 from llmtrace.pagination import TracePage
 from llmtrace.record import SKIP_INDEXES, LLMTraceRecord
 from llmtrace.repository import TraceRepository
+from llmtrace.retention import Retention, get_retention, set_retention
 from llmtrace.usage import UsageRow
 from llmtrace.writer import TraceWriter, WriterClosed, WriterEvent, WriterQueueFull, WriterStats, WriterStopped
 
@@ -40,6 +41,7 @@ __all__ = [
     "LLMTraceError",
     "LLMTraceRecord",
     "MigrationError",
+    "Retention",
     "SchemaNotMigratedError",
     "TraceNotFound",
     "TracePage",
@@ -54,8 +56,10 @@ __all__ = [
     "WriterStats",
     "WriterStopped",
     "get_engine",
+    "get_retention",
     "record_to_trace",
     "resolve_url",
+    "set_retention",
     "trace_from_row",
     "trace_to_record",
 ]

@@ -1,4 +1,4 @@
-"""The ``llmtrace`` command: ``llmtrace migrate`` and ``llmtrace demo``."""
+"""The ``llmtrace`` command: ``llmtrace migrate``, ``llmtrace retention`` and ``llmtrace demo``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from llmtrace.errors import LLMTraceError
 from llmtrace.filters import ALL_ORGANIZATIONS
 from llmtrace.migrations import upgrade
 from llmtrace.repository import TraceRepository
+from llmtrace.retention import Retention, get_retention, set_retention
 from llmtrace.synthetic import synthetic_traces
 from llmtrace.topology import configured
 from llmtrace.usage import UsageRow
@@ -28,6 +29,46 @@ def migrate(url: str | None, topology: str | None = None) -> None:
     engine = get_engine(url)
     upgrade(engine, topology=chosen)
     print(f"Schema is at the newest revision{f' ({chosen} topology)' if chosen else ''}.")
+
+
+def retention(
+    url: str | None, rows_days: str | None, payload_days: str | None, topology: str | None, materialize: bool
+) -> None:
+    """Print the retention, after setting it when both days are given (``"none"``: no limit)."""
+    if rows_days is None and payload_days is None:
+        print(describe(get_retention(get_engine(url), topology=topology)))
+        return
+    if rows_days is None or payload_days is None:
+        raise ValueError(
+            "give both --rows-days and --payload-days (a number of days, or none to keep data for as long as the "
+            "table exists), or neither to show the retention"
+        )
+    # Validated before anything is opened.
+    wanted = Retention(days_or_none("--rows-days", rows_days), days_or_none("--payload-days", payload_days))
+    applied = set_retention(
+        get_engine(url),
+        rows_days=wanted.rows_days,
+        payload_days=wanted.payload_days,
+        topology=topology,
+        materialize=materialize,
+    )
+    print(describe(applied))
+
+
+def describe(retention: Retention) -> str:
+    rows = "kept" if retention.rows_days is None else f"dropped after {retention.rows_days} days"
+    payloads = "kept" if retention.payload_days is None else f"emptied after {retention.payload_days} days"
+    return f"Traces: {rows}; payloads: {payloads}."
+
+
+def days_or_none(option: str, value: str) -> int | None:
+    """A whole number of days, or ``None`` for ``none``."""
+    if value.strip().lower() == "none":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{option} takes a whole number of days or none, got {value!r}") from None
 
 
 def timed_step(name: str, timings: dict[str, float], action: Callable[[], ResultT]) -> ResultT:
@@ -116,6 +157,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--topology",
         help="single, cluster:<name>, replicated or cloud (default: $LLMTRACE_TOPOLOGY, else detected)",
     )
+    retention_parser = commands.add_parser(
+        "retention", help="show how long traces and their payloads are kept, or set it with both options"
+    )
+    for option, what in (("--rows-days", "traces are dropped"), ("--payload-days", "payloads are emptied")):
+        retention_parser.add_argument(option, metavar="DAYS|none", help=f"days after which {what}")
+    retention_parser.add_argument(
+        "--no-materialize",
+        dest="materialize",
+        action="store_false",
+        help="leave parts written before the change alone until they are merged",
+    )
+    retention_parser.add_argument("--topology", help="as for migrate (default: $LLMTRACE_TOPOLOGY, else detected)")
     demo_parser = commands.add_parser("demo", help="write generated traces and print a usage report")
     demo_parser.add_argument("--traces", type=int, default=100_000, help="how many traces to generate")
     demo_parser.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one)")
@@ -123,9 +176,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "migrate":
             migrate(args.url, args.topology)
+        elif args.command == "retention":
+            retention(args.url, args.rows_days, args.payload_days, args.topology, args.materialize)
         else:
             demo(args.url, args.traces, args.seed)
-    except LLMTraceError as exc:
+    except (LLMTraceError, ValueError, TypeError) as exc:
         print(f"llmtrace: {exc}", file=sys.stderr)
         return 2
     return 0

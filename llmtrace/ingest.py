@@ -1,7 +1,9 @@
 """The exactly-once write path behind :meth:`TraceRepository.add_many`, in the order it runs.
 
 1. **Validate.** Mappings become :class:`LLMTrace` objects; every problem of a batch is collected before
-   anything of it is written.
+   anything of it is written. Traces already past the table's row retention (:mod:`llmtrace.retention`) are
+   refused too: ClickHouse would store them and drop them at its next merge, within milliseconds, so the count of
+   step 5 could confirm rows that are gone a moment later, or find them gone and send them again.
 2. **Columns.** The batch is transposed into column data; repeats of an identity ``(organization_id, id)``
    within it are dropped (the first wins). The batch's first deduplication token is derived from the
    identities now, before the lookup.
@@ -38,16 +40,20 @@ Why a batch is stored exactly once (the README states this argument):
   and store the traces they share twice; a trace re-sent with the same id but another ``agent_id`` or
   ``created_at`` is a different trace to the lookup; with ``skip_stored=False``, a retry that comes after more
   than the window's 10,000 blocks is stored again; a delete of the same traces that runs while ``add_many``
-  writes them may land before or after them (both are orders the two calls could have run in).
+  writes them may land before or after them (both are orders the two calls could have run in); a retention
+  shortened (:func:`llmtrace.set_retention`) while ``add_many`` runs applies to its next call, so traces it
+  stores meanwhile may be dropped at the next merge after being counted.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from itertools import islice
 from typing import Any, TypeVar
@@ -61,8 +67,9 @@ from llmtrace.errors import (
     WriteUnconfirmed,
     database_errors,
 )
-from llmtrace.model import CLICKHOUSE_COLUMNS, LLMTrace, insert_column_data
+from llmtrace.model import CLICKHOUSE_COLUMNS, LLMTrace, as_utc, insert_column_data
 from llmtrace.record import INSERT_ATTEMPT_COLUMN, INSERT_ATTEMPT_PREFIX, TABLE_NAME
+from llmtrace.retention import read_row_retention
 from llmtrace.stored_lookup import BatchKeys, Identity, StoredTraces
 
 TraceInput = LLMTrace | Mapping[str, Any]
@@ -92,6 +99,7 @@ INSERT_SETTINGS = {
     "insert_distributed_sync": 1,
     "load_balancing": "in_order",
 }
+_CREATED_AT = operator.attrgetter("created_at")  # the fastest way to read a field of every trace (~0.2 µs each)
 # The reads that confirm an insert are tried this many times, waiting 0.05, 0.1, 0.2, 0.4 s in between.
 CONFIRM_ATTEMPTS = 5
 CONFIRM_FIRST_DELAY = 0.05
@@ -153,6 +161,58 @@ def validated_batches(items: Iterable[TraceInput], batch_size: int) -> Iterator[
     while chunk := list(islice(iterator, batch_size)):
         yield validate_traces(chunk, start=start)
         start += len(chunk)
+
+
+class RetentionCheck:
+    """Refuses traces that the table's row retention has expired, or will within :attr:`MARGIN`.
+
+    The retention and the server's clock are read once per ``add_many`` call, and only for a batch holding a trace
+    older than :attr:`RECENT`: retention is at least a day, so a live batch cannot hold an expired trace even with
+    this machine's clock hours off, and pays no query. The cutoff then moves with this process's monotonic clock.
+
+    Args:
+        client: The clickhouse-connect client of the connection the batches are written through.
+        storage_table: The table that holds the rows (on a cluster, the local table), whose TTL is the retention.
+    """
+
+    RECENT = timedelta(hours=12)
+    # Traces this close to expiring are refused as well: the insert and its count take far less, so nothing
+    # add_many stores expires before step 5 counts it.
+    MARGIN = timedelta(minutes=10)
+
+    def __init__(self, client: Any, storage_table: str) -> None:
+        self._client = client
+        self._storage_table = storage_table
+        self._read: tuple[datetime | None, int | None, float] | None = None  # cutoff, days, monotonic time of read
+
+    def refuse_expired(self, traces: list[LLMTrace], *, start: int) -> None:
+        """Raise :class:`TraceValidationError` listing the traces of ``traces`` the retention has expired.
+
+        Args:
+            traces: Validated traces.
+            start: Index of the first one within the caller's whole input, for the error report.
+        """
+        if not traces or datetime.now(UTC) - min(map(_CREATED_AT, traces)) < self.RECENT:
+            return
+        cutoff, days = self._cutoff()
+        if cutoff is None:
+            return
+        message = (
+            f"is older than the table's row retention of {days} day(s), so ClickHouse would drop it at once. "
+            "Leave such traces out, or lengthen the retention with llmtrace.set_retention"
+        )
+        expired = [index for index, trace in enumerate(traces, start) if trace.created_at < cutoff]
+        if expired:
+            raise TraceValidationError([(index, "created_at", message) for index in expired])
+
+    def _cutoff(self) -> tuple[datetime | None, int | None]:
+        if self._read is None:
+            with database_errors("reading the traces table's retention"):
+                retention, server_now = read_row_retention(self._client, self._storage_table)
+            cutoff = retention.cutoff(as_utc(server_now) + self.MARGIN)
+            self._read = (cutoff, retention.rows_days, time.monotonic())
+        cutoff, days, read_at = self._read
+        return (None, None) if cutoff is None else (cutoff + timedelta(seconds=time.monotonic() - read_at), days)
 
 
 # -- before the first batch -----------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ One column per :class:`llmtrace.LLMTrace` field, same names, same order. Why eac
 
 The engine is MergeTree, ``ORDER BY (organization_id, agent_id, created_at)``: every read is scoped to one
 organization and most to one agent, so the sort key prunes granules for them and for time ranges.
-``PARTITION BY toYYYYMM(created_at)`` keeps parts per month, so retention can drop whole partitions.
+``PARTITION BY toYYYYMM(created_at)`` keeps parts per month, so row retention drops whole parts
+(:mod:`llmtrace.retention`).
 
 Point lookups on columns outside the sort key use bloom-filter skip indexes; they are listed, with the minmax index
 of the hidden column below, in :data:`SKIP_INDEXES`. They are not part of SQLAlchemy's metadata (ClickHouse skip

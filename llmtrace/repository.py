@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import builtins
 import operator
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -21,7 +21,14 @@ from llmtrace.conversion import trace_from_row
 from llmtrace.engine import driver_client, is_embedded
 from llmtrace.errors import DatabaseError, TraceNotFound, database_errors
 from llmtrace.filters import OrganizationScope, TraceFilter, require_organization
-from llmtrace.ingest import TraceInput, require_current_schema, validate_traces, validated_batches, write_batch
+from llmtrace.ingest import (
+    RetentionCheck,
+    TraceInput,
+    require_current_schema,
+    validate_traces,
+    validated_batches,
+    write_batch,
+)
 from llmtrace.model import LLMTrace
 from llmtrace.pagination import Position, TracePage, decode_cursor, encode_cursor
 from llmtrace.record import TABLE_NAME, TRACES_TABLE
@@ -113,12 +120,17 @@ class TraceRepository:
                 when batches never overlap (identical retries are still deduplicated by the token).
             progress: Show a progress bar on stderr, with a total when ``traces`` has a length or a length hint.
 
+        Retention (:func:`llmtrace.set_retention`): a trace older than the table's row retention is invalid,
+        since ClickHouse would drop it at its next merge; one older than the payload retention is stored, and its
+        payloads are emptied at the next merge.
+
         Returns:
             The number of rows this call stored: repeats, traces already stored and blocks ClickHouse dropped
             as duplicates are not counted.
 
         Raises:
-            TraceValidationError: Listing every invalid item by index and field.
+            TraceValidationError: Listing every invalid item by index and field (traces past the row retention
+                included).
             DatabaseError: ClickHouse failed or could not be reached.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -132,20 +144,26 @@ class TraceRepository:
             )
         # Sequences have a length; other iterables may announce one (__length_hint__) for the progress bar.
         total = operator.length_hint(traces) or None
-        batches: Iterable[list[LLMTrace]]
+        validated: list[LLMTrace] | None = None
         if isinstance(traces, Sequence):
             validated = validate_traces(traces, start=0)
-            batches = (validated[i : i + batch_size] for i in range(0, len(validated), batch_size))
-        else:
-            batches = validated_batches(traces, batch_size)
         written = 0
         bar = tqdm(total=total, disable=not progress, unit="trace", desc="writing traces")
         with bar, database_errors("opening a connection to write traces"), self.engine.connect() as connection:
             client = driver_client(connection)
-            stored = StoredTraces.for_topology(client, self._deployment(client), embedded=is_embedded(self.engine))
+            topology = self._deployment(client)
+            stored = StoredTraces.for_topology(client, topology, embedded=is_embedded(self.engine))
             if not self._schema_checked:
                 require_current_schema(client)
                 self._schema_checked = True
+            retention = RetentionCheck(client, topology.storage_table(TABLE_NAME))
+            batches: Iterable[list[LLMTrace]]
+            if validated is not None:
+                # A list is refused whole, before anything is written, as for any other invalid item.
+                retention.refuse_expired(validated, start=0)
+                batches = (validated[i : i + batch_size] for i in range(0, len(validated), batch_size))
+            else:
+                batches = _refusing_expired(validated_batches(traces, batch_size), retention, batch_size)
             try:
                 for batch in batches:
                     written += write_batch(client, stored, batch, skip_stored=skip_stored)
@@ -399,6 +417,15 @@ class TraceRepository:
                 return SINGLE
             self._topology = found
         return self._topology
+
+
+def _refusing_expired(
+    batches: Iterable[list[LLMTrace]], retention: RetentionCheck, batch_size: int
+) -> Iterator[list[LLMTrace]]:
+    """``batches`` (of ``batch_size`` each but the last), each checked against the retention before it is written."""
+    for number, batch in enumerate(batches):
+        retention.refuse_expired(batch, start=number * batch_size)
+        yield batch
 
 
 def _filter(organization_id: object, filters: Mapping[str, Any], *, method: str) -> TraceFilter:

@@ -1,4 +1,4 @@
-"""The command lines a user runs: alembic, llmtrace migrate/demo, and behaviour under a non-UTC process zone.
+"""The command lines a user runs: alembic, llmtrace migrate/retention/demo, and behaviour under a non-UTC process zone.
 
 Each runs in a child process with its own embedded directory (this test process holds its own).
 """
@@ -10,6 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from llmtrace.cli import main
 from llmtrace.migrations import PROJECT_ROOT
 
 BIN = Path(sys.executable).parent
@@ -43,6 +46,40 @@ def test_llmtrace_demo_runs_the_main_job(tmp_path: Path) -> None:
     assert "Wrote 500 traces" in result.stdout
     assert "Last 24 hours, all organizations, by model" in result.stdout
     assert "write 500 traces (add_many)" in result.stdout
+
+
+def test_llmtrace_retention_sets_and_shows_it_and_alembic_check_stays_clean(tmp_path: Path) -> None:
+    llmtrace, alembic = BIN / "llmtrace", BIN / "alembic"
+    script = (
+        f"{llmtrace} migrate && {llmtrace} retention && {llmtrace} retention --rows-days 90 --payload-days 30 && "
+        f"{llmtrace} retention && {alembic} check && {llmtrace} retention --rows-days none --payload-days 7"
+    )
+    result = run(["bash", "-c", script], f"chdb:///{tmp_path / 'db'}")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1:] == [
+        "Traces: kept; payloads: kept.",
+        "Traces: dropped after 90 days; payloads: emptied after 30 days.",
+        "Traces: dropped after 90 days; payloads: emptied after 30 days.",
+        "No new upgrade operations detected.",
+        "Traces: kept; payloads: emptied after 7 days.",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--rows-days", "90"], "give both --rows-days and --payload-days"),
+        (["--rows-days", "ninety", "--payload-days", "none"], "--rows-days takes a whole number of days or none"),
+        (["--rows-days", "30", "--payload-days", "60"], "payload_days=60 is longer than rows_days=30"),
+        (["--rows-days", "0", "--payload-days", "none"], "rows_days must be between 1 and"),
+    ],
+)
+def test_llmtrace_retention_refuses_bad_days_before_opening_anything(
+    arguments: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--url", "chdb:////nonexistent/never-opened", "retention", *arguments]) == 2
+    assert capsys.readouterr().err.startswith(f"llmtrace: {message}")
+    assert not Path("/nonexistent/never-opened").exists()
 
 
 def test_llmtrace_reports_configuration_errors_without_a_traceback() -> None:
