@@ -10,7 +10,8 @@ from __future__ import annotations
 import builtins
 import operator
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from datetime import datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine, func, select
@@ -32,6 +33,7 @@ from llmtrace.ingest import (
 from llmtrace.model import LLMTrace
 from llmtrace.pagination import Position, TracePage, decode_cursor, encode_cursor
 from llmtrace.record import TABLE_NAME, TRACES_TABLE
+from llmtrace.retention import read_row_retention
 from llmtrace.rollup import answerable, rebuild_statements, refresh_statements
 from llmtrace.rollup import exists as rollup_exists
 from llmtrace.stored_lookup import StoredTraces
@@ -317,10 +319,38 @@ class TraceRepository:
             raise ValueError(f"source: unknown value {source!r}; use one of {', '.join(USAGE_SOURCES)}")
         trace_filter = _filter(organization_id, {**filters, "since": since, "until": until}, method="usage")
         with database_errors("computing usage"), self.engine.connect() as connection:
+            kept = self._within_retention(connection, trace_filter)
+            if kept is None:
+                return []  # the whole range is past the row retention
+            trace_filter = kept
             chosen = self._usage_source(connection, source, trace_filter, percentiles)
             statement = usage_statement(keys, granularity, percentiles, trace_filter, chosen)
             rows = connection.execute(statement).mappings().all()
         return [usage_row(row, keys, granularity, chosen) for row in rows]
+
+    def _within_retention(self, connection: Connection, trace_filter: TraceFilter) -> TraceFilter | None:
+        """``trace_filter`` starting no earlier than the first whole hour the row retention keeps in full.
+
+        Expired traces leave ClickHouse with their part, at a time merges decide, and the rollup's hours with
+        theirs: a report that counted whatever is still on disk would change from one run to the next and differ
+        between the two sources. Cutting both at the same whole hour keeps them equal and stable. ``None``: the
+        whole range asked for is past the retention.
+        """
+        client = driver_client(connection)
+        topology = self._deployment(client)
+        retention, now = read_row_retention(client, topology.storage_table(TABLE_NAME))
+        if retention.rows_days is None:
+            return trace_filter
+        expired_before = now.replace(tzinfo=UTC) if now.tzinfo is None else now
+        expired_before -= timedelta(days=retention.rows_days)
+        cutoff = expired_before.replace(minute=0, second=0, microsecond=0)
+        if cutoff < expired_before:
+            cutoff += timedelta(hours=1)
+        if trace_filter.since is not None and trace_filter.since >= cutoff:
+            return trace_filter
+        if trace_filter.until is not None and trace_filter.until <= cutoff:
+            return None
+        return replace(trace_filter, since=cutoff)
 
     def _usage_source(self, connection: Connection, asked: str, trace_filter: TraceFilter, percentiles: str) -> str:
         """``"rollup"`` or ``"raw"``: what answers a report, given what was asked (see :meth:`usage`)."""

@@ -57,6 +57,8 @@ from llmtrace.ddl import SchemaDDL
 from llmtrace.engine import driver_client, is_embedded
 from llmtrace.errors import ConfigurationError, SchemaNotMigratedError, database_errors
 from llmtrace.record import TABLE_NAME
+from llmtrace.rollup import ROLLUP_TABLE_NAME
+from llmtrace.rollup import exists as rollup_exists
 from llmtrace.topology import Topology, resolve
 
 # Longest retention accepted. ClickHouse keeps a part's TTL bounds as 32-bit seconds, which end in February 2106;
@@ -91,9 +93,13 @@ class RetainedTable:
         return int(match.group(1)) if match else None
 
 
-# Tables retention applies to, by name, and how. Only llm_traces exists today.
+# Tables retention applies to, by name, and how. The hourly rollup follows the traces' row retention (see
+# set_retention): its totals of expired hours go with the traces.
 RETAINED_TABLES: Mapping[str, RetainedTable] = MappingProxyType(
-    {TABLE_NAME: RetainedTable(time_column="created_at", payload_columns=PAYLOAD_COLUMNS)}
+    {
+        TABLE_NAME: RetainedTable(time_column="created_at", payload_columns=PAYLOAD_COLUMNS),
+        ROLLUP_TABLE_NAME: RetainedTable(time_column="hour"),
+    }
 )
 
 
@@ -187,6 +193,14 @@ def set_retention(
         current = read_retention(client, ddl.topology.storage_table(table), retained)
         for statement in retention_statements(current, wanted, table=table, ddl=ddl, materialize=materialize):
             client.command(statement, settings=_ALTER_SETTINGS)
+        if table == TABLE_NAME and rollup_exists(connection):
+            # The rollup keeps the traces' row retention, so that its expired hours go with them (reports cut both
+            # at the same whole hour: see TraceRepository.usage).
+            rollup = ROLLUP_TABLE_NAME
+            kept = Retention(rows_days=rows_days)
+            now = read_retention(client, ddl.topology.storage_table(rollup), RETAINED_TABLES[rollup])
+            for statement in retention_statements(now, kept, table=rollup, ddl=ddl, materialize=materialize):
+                client.command(statement, settings=_ALTER_SETTINGS)
         return read_retention(client, ddl.topology.storage_table(table), retained)
 
 

@@ -13,6 +13,7 @@ from sqlalchemy import Engine, text
 from llmtrace import ALL_ORGANIZATIONS, LLMTrace, TraceRepository, UsageRow
 from llmtrace.engine import driver_client
 from llmtrace.migrations import upgrade
+from llmtrace.retention import set_retention
 from llmtrace.rollup import ROLLUP_SELECT, ROLLUP_TABLE_NAME, ROLLUP_VIEW_NAME
 from llmtrace.synthetic import synthetic_traces
 from llmtrace.usage import GRANULARITIES, GROUP_KEYS
@@ -195,3 +196,26 @@ def test_the_view_computes_what_the_code_says(migrated_engine: Engine) -> None:
             for query in (stored, expected)
         ]
     assert normalized[0] == normalized[1]
+
+
+def test_after_a_retention_drop_both_sources_report_the_same_whole_hours(migrated_engine: Engine) -> None:
+    now = datetime.now(UTC)
+    repository = TraceRepository(migrated_engine)
+    repository.add_many(
+        synthetic_traces(3_000, organizations=5, end=now, span=timedelta(days=70), payload_bytes=(10, 100), seed=3)
+    )
+    everything = repository.usage(ALL_ORGANIZATIONS, group_by=(), source="raw")[0].requests
+    set_retention(migrated_engine, rows_days=30, payload_days=None)
+    with migrated_engine.connect() as connection:
+        for table in ("llm_traces", ROLLUP_TABLE_NAME):  # what merges would do later, now
+            connection.execute(text(f"ALTER TABLE {table} MATERIALIZE TTL SETTINGS mutations_sync = 2"))
+    cutoff = now - timedelta(days=30)
+    for keys, granularity in [(("model",), "day"), (("organization_id", "agent_id"), "hour"), ((), None)]:
+        assert_rollup_answers_like_the_traces(
+            repository, organization_id=ALL_ORGANIZATIONS, group_by=keys, granularity=granularity
+        )
+    rows = repository.usage(ALL_ORGANIZATIONS, group_by=(), granularity="hour", source="raw")
+    assert rows[0].bucket is not None and rows[0].bucket >= cutoff.replace(minute=0, second=0, microsecond=0)
+    assert 0 < sum(row.requests for row in rows) < everything
+    # A range wholly past the retention reports nothing, from either source.
+    assert repository.usage(ALL_ORGANIZATIONS, until=cutoff - timedelta(days=1)) == []
