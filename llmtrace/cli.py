@@ -212,7 +212,11 @@ def stderr_console() -> Console:
 
 
 def progress_bar(*, in_bytes: bool = False) -> Progress:
-    """A progress bar on stderr, so that stdout carries only the command's output."""
+    """A progress bar on stderr, so that stdout carries only the command's output.
+
+    Shown only where someone watches: not when stderr is a file or a pipe (a log), unless TTY_INTERACTIVE=1.
+    """
+    console = stderr_console()
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -220,7 +224,8 @@ def progress_bar(*, in_bytes: bool = False) -> Progress:
         TaskProgressColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        console=stderr_console(),
+        console=console,
+        disable=not console.is_interactive,
     )
 
 

@@ -38,7 +38,11 @@ def test_alembic_command_line_round_trip(tmp_path: Path) -> None:
 
 
 def test_llmtrace_demo_runs_the_main_job(tmp_path: Path) -> None:
-    result = run([str(BIN / "llmtrace"), "demo", "--traces", "500", "--seed", "1"], f"chdb:///{tmp_path / 'db'}")
+    result = run(
+        [str(BIN / "llmtrace"), "demo", "--traces", "500", "--seed", "1"],
+        f"chdb:///{tmp_path / 'db'}",
+        TTY_INTERACTIVE="1",  # show the progress bar although stderr is a pipe
+    )
     assert result.returncode == 0, result.stderr
     assert "Wrote 500 traces" in result.stdout
     assert "write 500 traces (add_many)" in result.stdout
