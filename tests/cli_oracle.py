@@ -5,7 +5,8 @@
 - ``add``: ``add_many`` of the pickled traces in ``source`` (after migrating); returns the count stored;
 - ``usage``: ``usage()`` with the arguments (``organization`` ``"*"`` is ALL_ORGANIZATIONS; times in ISO 8601);
 - ``traces``: every trace of ``organization``, read with ``get()`` for the ids ``list()`` pages through;
-- ``count``: ``count()`` of ``organization``.
+- ``count``: ``count()`` of ``organization``;
+- ``execute``: run each SQL statement of ``statements`` on the engine (with ``settings``); returns None.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy import text
 
 from llmtrace import ALL_ORGANIZATIONS, TraceRepository, get_engine
 from llmtrace.filters import OrganizationScope
@@ -30,6 +33,11 @@ def compute(repository: TraceRepository, kind: str, arguments: dict[str, Any]) -
     if kind == "add":
         upgrade(repository.engine)
         return repository.add_many(pickle.loads(Path(arguments["source"]).read_bytes()))
+    if kind == "execute":
+        with repository.engine.connect() as connection:
+            for statement in arguments["statements"]:
+                connection.execute(text(statement), execution_options={"settings": arguments.get("settings", {})})
+        return None
     organization = scope(arguments.pop("organization"))
     for name in ("since", "until"):
         if arguments.get(name) is not None:
