@@ -449,7 +449,8 @@ def print_trace(console: Console, trace: LLMTrace) -> None:
     fields.add_column(overflow="fold")
     for name, value in trace.model_dump().items():
         if name not in PAYLOADS:
-            fields.add_row(name, Text("-" if value is None else str(value)))
+            shown = json.dumps(value, ensure_ascii=False) if isinstance(value, list) else str(value)
+            fields.add_row(name, Text("-" if value is None else shown))
     console.print(fields)
     for name in PAYLOADS:
         payload: str = getattr(trace, name)

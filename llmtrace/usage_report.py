@@ -29,19 +29,23 @@ GROUP = "group"
 BUCKET_FORMATS = {"hour": "%Y-%m-%d %H:%M", "day": "%Y-%m-%d", "month": "%Y-%m"}
 
 
-def measure_names() -> list[str]:
-    """The names of the measures of a usage row, in declaration order (everything but the group and bucket)."""
-    return [field.name for field in dataclasses.fields(UsageRow) if field.name not in (GROUP, BUCKET)]
+def measure_names(rows: Sequence[UsageRow] = ()) -> list[str]:
+    """The measures of usage rows, in declaration order (every field but the group and bucket).
+
+    Read from the rows' own class (:class:`UsageRow` when there are none), so that a subclass's measures show too.
+    """
+    row_type = type(rows[0]) if rows else UsageRow
+    return [field.name for field in dataclasses.fields(row_type) if field.name not in (GROUP, BUCKET)]
 
 
-def columns(keys: Sequence[str]) -> list[str]:
+def columns(rows: Sequence[UsageRow], keys: Sequence[str]) -> list[str]:
     """The columns of a report grouped by ``keys``: the bucket, the group keys, then the measures."""
-    return [BUCKET, *keys, *measure_names()]
+    return [BUCKET, *keys, *measure_names(rows)]
 
 
 def records(rows: Sequence[UsageRow], keys: Sequence[str]) -> list[dict[str, Any]]:
     """Each row as a flat mapping of :func:`columns` to its values, unchanged (Decimal, datetime, None)."""
-    measures = measure_names()
+    measures = measure_names(rows)
     return [
         {BUCKET: row.bucket, **{key: row.group[key] for key in keys}, **{name: getattr(row, name) for name in measures}}
         for row in rows
@@ -57,7 +61,7 @@ def write_json(rows: Sequence[UsageRow], keys: Sequence[str], out: IO[str]) -> N
 def write_csv(rows: Sequence[UsageRow], keys: Sequence[str], out: IO[str]) -> None:
     """Write the report as CSV with a header row; ``None`` is an empty cell, ``Decimal`` its ``str()``."""
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(columns(keys))
+    writer.writerow(columns(rows, keys))
     for record in records(rows, keys):
         writer.writerow([csv_value(value) for value in record.values()])
 
@@ -84,7 +88,7 @@ def _json_value(value: object) -> str:
 def table(rows: Sequence[UsageRow], keys: Sequence[str], *, granularity: str | None) -> Table:
     """A Rich table of the report: numbers right-aligned with thousands separators, unknown values as "-"."""
     shown = [BUCKET] if granularity is not None else []
-    shown += [*keys, *measure_names()]
+    shown += [*keys, *measure_names(rows)]
     result = Table(box=box.SIMPLE_HEAD, header_style="bold", show_edge=False, pad_edge=False)
     for name in shown:
         numeric = name not in keys and name != BUCKET
