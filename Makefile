@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/alembic upgrade head
+	$(BIN)/llmtrace migrate
 	$(BIN)/llmtrace demo
+	$(BIN)/llmtrace usage --all-organizations --since 1d --by model --chart .llmtrace/usage-by-model.png
 
 test: lint
 	$(BIN)/pytest -n 2 -q

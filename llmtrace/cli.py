@@ -326,7 +326,17 @@ def usage(
         console = stdout_console()
         console.print(Text(title if rows else f"{title}: no traces.", style="bold"))
         if rows:
-            console.print(usage_report.table(rows, keys, granularity=chosen))
+            rendered = usage_report.table(rows, keys, granularity=chosen)
+            console.print(rendered)
+            wanted = console.measure(rendered).maximum
+            if wanted > console.width:
+                advice = (
+                    f"The table needs {wanted} columns, the terminal has {console.width}: widen it, or use --format csv"
+                )
+                stderr_console().print(Text(advice, style="dim"))
+            left_out = usage_report.unreported(rows)
+            if left_out:
+                console.print(Text(f"Not reported by any trace: {', '.join(left_out)}.", style="dim"))
     if chart is not None:
         chart_granularity = chosen or chart_bucket(start, end)
         chart_rows = rows if chosen is not None else report(chart_granularity)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import IO, Any
@@ -86,32 +86,86 @@ def _json_value(value: object) -> str:
 
 
 def table(rows: Sequence[UsageRow], keys: Sequence[str], *, granularity: str | None) -> Table:
-    """A Rich table of the report: numbers right-aligned with thousands separators, unknown values as "-"."""
-    shown = [BUCKET] if granularity is not None else []
-    shown += [*keys, *measure_names(rows)]
-    result = Table(box=box.SIMPLE_HEAD, header_style="bold", show_edge=False, pad_edge=False)
-    for name in shown:
-        numeric = name not in keys and name != BUCKET
-        result.add_column(name.replace("_", " "), justify="right" if numeric else "left", overflow="fold")
-    for record in records(rows, keys):
-        result.add_row(
-            *("(none)" if name in keys and record[name] is None else _cell(record[name], granularity) for name in shown)
-        )
+    """A Rich table of the report, for reading at a glance; CSV and JSON carry the exact values.
+
+    Numbers are right-aligned with thousands separators; a column of counts that reach a million is shown in
+    k/M/B (sizes in ``*_bytes`` columns in kB/MB/GB); unknown values are "-". Measures that no row reported
+    (``None`` throughout) are left out and named by :func:`unreported`.
+    """
+    found = records(rows, keys)
+    measures = [name for name in measure_names(rows) if name not in unreported(rows)]
+    shown = [*([BUCKET] if granularity is not None else []), *keys, *measures]
+    formats = {name: _column_format(name, [record[name] for record in found]) for name in measures}
+    bucket_format = BUCKET_FORMATS[granularity or "day"]
+    lines = []
+    for record in found:
+        cells: list[Text] = []
+        for name in shown:
+            value = record[name]
+            if name in keys:
+                cells.append(Text("(none)", style="dim") if value is None else Text(str(value)))
+            elif name == BUCKET:
+                cells.append(Text(value.strftime(bucket_format) if value is not None else "-"))
+            else:
+                cells.append(formats[name](value))
+        lines.append(cells)
+    result = Table(box=box.SIMPLE_HEAD, header_style="bold", show_edge=False, pad_edge=False, collapse_padding=True)
+    for index, name in enumerate(shown):
+        numeric = name in measures
+        # The keys keep their width when the terminal is too narrow for the table: a row must say what it counts.
+        widest = None if numeric else min(max((line[index].cell_len for line in lines), default=0), 40)
+        result.add_column(_header(name), justify="right" if numeric else "left", no_wrap=True, min_width=widest)
+    for line in lines:
+        result.add_row(*line)
     return result
 
 
-def _cell(value: object, granularity: str | None) -> Text | str:
-    if value is None:
-        return Text("-", style="dim")
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, datetime):
-        return value.strftime(BUCKET_FORMATS.get(granularity or "", "%Y-%m-%d %H:%M"))
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:,.1f}"
-    if isinstance(value, Decimal):
-        # Money and other exact quantities: four decimals in the table; CSV and JSON carry every digit.
-        return f"{value:,.4f}"
-    return str(value)
+def unreported(rows: Sequence[UsageRow]) -> list[str]:
+    """The measures that are ``None`` in every row (no trace reported them), in declaration order."""
+    if not rows:
+        return []
+    return [name for name in measure_names(rows) if all(getattr(row, name) is None for row in rows)]
+
+
+def _header(name: str) -> str:
+    """The column name on at most two lines, split where the longer line is shortest."""
+    words = name.split("_")
+    if len(words) == 1:
+        return name
+    splits = [(" ".join(words[:i]), " ".join(words[i:])) for i in range(1, len(words))]
+    first, second = min(splits, key=lambda pair: max(len(pair[0]), len(pair[1])))
+    return f"{first}\n{second}"
+
+
+COMPACT_FROM = 1_000_000
+_COUNT_UNITS = ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k"))
+_BYTE_UNITS = ((1e12, " TB"), (1e9, " GB"), (1e6, " MB"), (1e3, " kB"))
+
+
+def _column_format(name: str, values: Sequence[object]) -> Callable[[object], Text]:
+    largest = max((abs(v) for v in values if isinstance(v, int) and not isinstance(v, bool)), default=0)
+    units = _BYTE_UNITS if name.endswith("_bytes") else _COUNT_UNITS
+    compact = largest >= COMPACT_FROM
+
+    def cell(value: object) -> Text:
+        if value is None:
+            return Text("-", style="dim")
+        if isinstance(value, bool):
+            return Text("true" if value else "false")
+        if isinstance(value, int):
+            return Text(_compact(value, units) if compact else f"{value:,}")
+        if isinstance(value, float):
+            return Text(f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.1f}")
+        if isinstance(value, Decimal):
+            # Money and other exact quantities: four decimals here; CSV and JSON carry every digit.
+            return Text(f"{value:,.4f}")
+        return Text(str(value))
+
+    return cell
+
+
+def _compact(value: int, units: Sequence[tuple[float, str]]) -> str:
+    for limit, suffix in units:
+        if abs(value) >= limit:
+            return f"{value / limit:,.1f}{suffix}"
+    return f"{value:,}"
