@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -140,3 +141,26 @@ def test_no_connection_fails(url: str, found: str) -> None:
     assert list(checks) == ["connection"]
     assert checks["connection"].startswith("FAIL ") and found in checks["connection"]
     assert "secret" not in result.stdout
+
+
+def test_a_data_directory_held_by_another_process_fails_with_its_pid(tmp_path: Path) -> None:
+    url = f"chdb:///{tmp_path / 'db'}"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from llmtrace import get_engine; get_engine({url!r}); print('ready', flush=True); input()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
+        result = llmtrace("doctor", url=url)
+    finally:
+        holder.communicate("\n", timeout=60)
+    assert result.returncode == 1
+    connection = lines_of(result.stdout)["connection"]
+    assert connection.startswith(f"FAIL The embedded ClickHouse data directory {tmp_path / 'db'} is in use by another")
+    assert f"(pid {holder.pid})" in connection
