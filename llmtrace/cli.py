@@ -505,13 +505,19 @@ def import_traces(
                 traces_of_batch = validated_batch(
                     batch, position=trace_files.position_name(name), file=file, stored=stored
                 )
-                stored += repository.add_many(traces_of_batch, batch_size=batch_size)
+                try:
+                    stored += repository.add_many(traces_of_batch, batch_size=batch_size)
+                except LLMTraceError as exc:
+                    exc.add_note(
+                        f"{stored:,} trace(s) of earlier batches of {file} were stored; importing it again skips them."
+                    )
+                    raise
                 read += len(batch)
                 progress.update(task, completed=read if name == "parquet" else counter.count)
     skipped = read - stored
     print(
         f"Imported {stored:,} trace(s) from {file}"
-        + (f"; {skipped:,} were already stored (skipped)." if skipped else ".")
+        + (f"; {skipped:,} skipped (already stored, or repeated in the file)." if skipped else ".")
     )
 
 

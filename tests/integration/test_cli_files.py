@@ -83,7 +83,9 @@ def test_export_then_import_round_trips_exactly(
 
     again = llmtrace("import", str(exported), url=target)
     assert again.returncode == 0, again.stderr
-    assert again.stdout == f"Imported 0 trace(s) from {exported}; 43 were already stored (skipped).\n"
+    assert (
+        again.stdout == f"Imported 0 trace(s) from {exported}; 43 skipped (already stored, or repeated in the file).\n"
+    )
     assert repository_call(target, tmp_path, "count", organization="org-1") == 43
 
 
@@ -139,7 +141,7 @@ def test_import_reports_bad_lines_and_writes_nothing_of_their_batch(tmp_path: Pa
     write_lines(file, lines)
     result = llmtrace("import", str(file), "--batch-size", "4", url=url)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f"Imported 6 trace(s) from {file}; 4 were already stored (skipped).\n"
+    assert result.stdout == f"Imported 6 trace(s) from {file}; 4 skipped (already stored, or repeated in the file).\n"
     assert sorted(t.id for t in repository_call(url, tmp_path, "traces", organization="org-1")) == sorted(
         make_trace(i).id for i in range(10)
     )
