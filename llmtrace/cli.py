@@ -300,6 +300,10 @@ def usage(
         raise typer.BadParameter(f"{problem}; use any of {', '.join(GROUP_KEYS)}", param_hint="'--by'")
     if chart is not None and chart.suffix.lower() not in usage_chart.FORMATS:
         raise typer.BadParameter(f"{chart}: a chart file's name ends in .png or .svg", param_hint="'--chart'")
+    if chart is not None and not chart.resolve().parent.is_dir():
+        raise typer.BadParameter(
+            f"{chart}: no directory {chart.resolve().parent} to write it in", param_hint="'--chart'"
+        )
     start, end = time_range(since, until)
     filters = parse_where(where)
     repository = TraceRepository(get_engine(database_url(context, url)))

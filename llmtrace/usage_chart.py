@@ -61,7 +61,7 @@ def write_chart(
         title: The chart's title.
 
     Raises:
-        ConfigurationError: The suffix is not .png or .svg.
+        ConfigurationError: The suffix is not .png or .svg, or the file cannot be written.
         ExtraNotInstalled: matplotlib is not installed.
     """
     require_chart_path(path)
@@ -82,7 +82,7 @@ def write_chart(
         for ax in axes:
             ax.text(0.5, 0.5, "No traces in this range", ha="center", va="center", transform=ax.transAxes)
             ax.set_axis_off()
-        figure.savefig(path)
+        _save(figure, path)
         return
     for ax, (measure, value, tick) in zip(axes, panels, strict=True):
         _stacked_bars(ax, rows, key=key, granularity=granularity, value=value)
@@ -95,7 +95,14 @@ def write_chart(
     handles, labels = axes[0].get_legend_handles_labels()
     # Listed top to bottom as the bars are stacked: the biggest series is at the bottom of each bar.
     figure.legend(handles[::-1], labels[::-1], title=key or None, loc="outside right upper")
-    figure.savefig(path)
+    _save(figure, path)
+
+
+def _save(figure: Any, path: Path) -> None:
+    try:
+        figure.savefig(path)
+    except OSError as exc:
+        raise ConfigurationError(f"Cannot write the chart to {path}: {exc.strerror or exc}.") from exc
 
 
 def _stacked_bars(

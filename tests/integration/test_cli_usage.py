@@ -177,6 +177,7 @@ def test_chart_svg_with_machine_output_keeps_stdout_clean(seeded: str, tmp_path:
         (["--org", "org-1", "--since", "1d", "--until", "2d"], "must be before"),
         (["--org", "org-1", "--where", "size=3"], "KEY=VALUE"),
         (["--org", "org-1", "--chart", "usage.pdf"], ".png or .svg"),
+        (["--org", "org-1", "--chart", "/nonexistent/usage.png"], "no directory /nonexistent to write it in"),
         (["--org", "org-1", "--format", "xml"], "xml"),
     ],
 )

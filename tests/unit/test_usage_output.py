@@ -21,6 +21,7 @@ from rich.console import Console
 
 from llmtrace import usage_chart, usage_report
 from llmtrace.cli import chart_bucket, parse_moment
+from llmtrace.errors import ConfigurationError
 from llmtrace.usage import UsageRow
 
 START = datetime(2026, 11, 1, tzinfo=UTC)
@@ -144,6 +145,13 @@ def test_chart_folds_small_series_into_other(tmp_path: Path) -> None:
     text = svg.read_text()
     assert "model-11" in text and "model-05" in text and "other" in text
     assert "model-04" not in text and "model-00" not in text
+
+
+def test_a_chart_that_cannot_be_written_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigurationError, match=r"Cannot write the chart to .*missing/x.png: No such file or directory"
+    ):
+        usage_chart.write_chart(ROWS, tmp_path / "missing" / "x.png", key="model", granularity="day", title="t")
 
 
 def test_chart_of_no_rows_says_so(tmp_path: Path) -> None:
