@@ -247,8 +247,10 @@ def binary_output(path: str) -> Iterator[BinaryIO]:
         with handle:
             yield handle  # type: ignore[misc]
         os.replace(handle.name, target)
-    except BaseException:
+    except BaseException as exc:
         Path(handle.name).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise ConfigurationError(f"Cannot write {path}: {exc.strerror or exc}; nothing was written.") from exc
         raise
 
 
