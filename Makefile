@@ -12,12 +12,13 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[embedded,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[embedded,dev,reports]'
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/alembic upgrade head
+	$(BIN)/llmtrace migrate
 	$(BIN)/llmtrace demo
+	$(BIN)/llmtrace usage --all-organizations --since 1d --by model --chart .llmtrace/usage-by-model.png
 
 test: lint
 	$(BIN)/pytest -n 2 -q

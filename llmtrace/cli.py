@@ -1,61 +1,735 @@
-"""The ``llmtrace`` command: ``llmtrace migrate``, ``llmtrace retention`` and ``llmtrace demo``."""
+"""The ``llmtrace`` command: reports, trace listing, import and export, a health check, migrations and a demo.
+
+Conventions, as alembic's and the ClickHouse client's: ``--url`` on every command (else
+``LLMTRACE_DATABASE_URL``, else the embedded engine), ``--help`` everywhere, machine-readable output on stdout
+(``--format json|csv``) with progress bars and notes on stderr. Exit codes: 0 when all went well, 1 when
+llmtrace reports an error (one line on stderr, no traceback) or ``doctor`` finds a FAIL, 2 for a command line
+that cannot be understood.
+"""
 
 from __future__ import annotations
 
-import argparse
+import enum
+import io
+import json
+import os
+import re
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from pathlib import Path
+from typing import Annotated, Any, BinaryIO, TypeVar
 
-from llmtrace.engine import get_engine, redacted, resolve_url
-from llmtrace.errors import LLMTraceError
-from llmtrace.filters import ALL_ORGANIZATIONS
+import typer
+from rich import box
+from rich.console import Console
+from rich.json import JSON
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from llmtrace import doctor as health
+from llmtrace import trace_files, usage_chart, usage_report
+from llmtrace.engine import ENV_VAR, get_engine, redacted, resolve_url
+from llmtrace.errors import ConfigurationError, LLMTraceError, TraceValidationError
+from llmtrace.filters import ALL_ORGANIZATIONS, EQUALITY_FILTERS, FLAG_FILTERS, OrganizationScope
+from llmtrace.ingest import validate_traces
 from llmtrace.migrations import upgrade
-from llmtrace.repository import TraceRepository
+from llmtrace.model import LLMTrace, as_utc
+from llmtrace.repository import MAX_PAGE_SIZE, TraceRepository
 from llmtrace.retention import Retention, get_retention, set_retention
 from llmtrace.synthetic import synthetic_traces
 from llmtrace.topology import configured
-from llmtrace.usage import UsageRow
+from llmtrace.usage import GROUP_KEYS, UsageRow
 
-ResultT = TypeVar("ResultT")
 ItemT = TypeVar("ItemT")
 
+app = typer.Typer(
+    name="llmtrace",
+    help="LLM traces in ClickHouse: usage reports, traces, import and export, health checks, migrations.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 
-def migrate(url: str | None, topology: str | None = None) -> None:
-    """Upgrade the schema to the newest revision, for ``topology`` (else LLMTRACE_TOPOLOGY, else detected)."""
+
+class OutputFormat(enum.StrEnum):
+    """How a report is printed."""
+
+    TABLE = "table"
+    CSV = "csv"
+    JSON = "json"
+
+
+class ListFormat(enum.StrEnum):
+    """How traces are printed."""
+
+    TABLE = "table"
+    JSON = "json"
+
+
+class FileFormat(enum.StrEnum):
+    """The formats of trace files."""
+
+    JSONL = "jsonl"
+    CSV = "csv"
+    PARQUET = "parquet"
+
+
+class Granularity(enum.StrEnum):
+    """The time buckets of a report (UTC)."""
+
+    HOUR = "hour"
+    DAY = "day"
+    MONTH = "month"
+
+
+class Percentiles(enum.StrEnum):
+    """How latency percentiles are computed."""
+
+    EXACT = "exact"
+    APPROXIMATE = "approximate"
+
+
+URL_HELP = f"Database URL [default: ${ENV_VAR}, else the embedded engine in ./.llmtrace/chdb]."
+Url = Annotated[str | None, typer.Option("--url", help=URL_HELP, show_default=False)]
+Organization = Annotated[str | None, typer.Option("--org", help="The organization whose traces to use.")]
+AllOrganizations = Annotated[
+    bool, typer.Option("--all-organizations", help="Every organization (the operator's view); never the default.")
+]
+Since = Annotated[
+    str | None,
+    typer.Option(help="Only traces created at or after: a duration back from now (30m, 12h, 7d, 2w) or an ISO date."),
+]
+Until = Annotated[str | None, typer.Option(help="Only traces created before: a duration back from now or an ISO date.")]
+Where = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--where",
+        metavar="KEY=VALUE",
+        help=f"Only traces whose KEY equals VALUE (repeatable). Keys: {', '.join(EQUALITY_FILTERS)}.",
+    ),
+]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)\s*$")
+_UNITS = {"s": "seconds", "m": "minutes", "min": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+# -- helpers shared by the commands ---------------------------------------------------------------------------
+
+
+def parse_moment(value: str, *, option: str, now: datetime | None = None) -> datetime:
+    """A point in time from ``7d`` (that long before now) or an ISO 8601 date or datetime (naive means UTC).
+
+    Raises:
+        typer.BadParameter: Neither form.
+    """
+    duration = _DURATION.match(value)
+    if duration:
+        amount, unit = duration.groups()
+        return (now or datetime.now(UTC)) - timedelta(**{_UNITS[unit]: float(amount)})
+    try:
+        return as_utc(datetime.fromisoformat(value))
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r} is neither a duration (30m, 12h, 7d, 2w) nor an ISO date (2026-11-01, 2026-11-01T12:00Z)",
+            param_hint=option,
+        ) from None
+
+
+def time_range(since: str | None, until: str | None) -> tuple[datetime | None, datetime | None]:
+    """``--since`` and ``--until`` as datetimes, measured from one "now"."""
+    now = datetime.now(UTC)
+    start = parse_moment(since, option="'--since'", now=now) if since is not None else None
+    end = parse_moment(until, option="'--until'", now=now) if until is not None else None
+    if start is not None and end is not None and start >= end:
+        raise typer.BadParameter(f"--since ({start.isoformat()}) must be before --until ({end.isoformat()})")
+    return start, end
+
+
+def parse_where(conditions: Sequence[str] | None) -> dict[str, Any]:
+    """``--where KEY=VALUE`` options as the repository's filter keywords (flags as booleans)."""
+    filters: dict[str, Any] = {}
+    for condition in conditions or ():
+        key, sign, value = condition.partition("=")
+        key = key.strip()
+        if not sign or key not in EQUALITY_FILTERS:
+            raise typer.BadParameter(
+                f"{condition!r}: expected KEY=VALUE with KEY one of {', '.join(EQUALITY_FILTERS)}",
+                param_hint="'--where'",
+            )
+        if key in filters:
+            raise typer.BadParameter(f"{key} is given twice", param_hint="'--where'")
+        if key in FLAG_FILTERS:
+            flag = value.strip().lower()
+            if flag not in ("true", "false", "1", "0"):
+                raise typer.BadParameter(f"{key} takes true or false, got {value!r}", param_hint="'--where'")
+            filters[key] = flag in ("true", "1")
+        else:
+            filters[key] = value
+    return filters
+
+
+def organization_scope(organization: str | None, all_organizations: bool) -> OrganizationScope:
+    """``--org`` or ``--all-organizations``: exactly one of them, never all organizations by default."""
+    if all_organizations and organization is not None:
+        raise typer.BadParameter("give --org or --all-organizations, not both", param_hint="'--org'")
+    if all_organizations:
+        return ALL_ORGANIZATIONS
+    if organization is None or not organization.strip():
+        raise typer.BadParameter(
+            "name the organization with --org ORG, or ask for every organization with --all-organizations",
+            param_hint="'--org'",
+        )
+    return organization
+
+
+def database_url(context: typer.Context, url: str | None) -> str | None:
+    """The command's ``--url``, else the one given before the command (``llmtrace --url ... usage``)."""
+    given: str | None = context.obj
+    return url if url is not None else given
+
+
+def stdout_console() -> Console:
+    # Not a terminal (a pipe, a file): tables keep their natural width instead of being squeezed into 80 columns.
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 10_000)
+
+
+def stderr_console() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def progress_bar(*, in_bytes: bool = False) -> Progress:
+    """A progress bar on stderr, so that stdout carries only the command's output.
+
+    Shown only where someone watches: not when stderr is a file or a pipe (a log), unless TTY_INTERACTIVE=1.
+    """
+    console = stderr_console()
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn() if in_bytes else MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not console.is_interactive,
+    )
+
+
+@contextmanager
+def binary_output(path: str) -> Iterator[BinaryIO]:
+    """Standard output for ``-``; else a temporary file next to ``path``, renamed to it only when all went well."""
+    if path == "-":
+        yield sys.stdout.buffer
+        sys.stdout.buffer.flush()
+        return
+    target = Path(path)
+    try:
+        handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 (renamed or removed below)
+            dir=target.parent, prefix=f".{target.name}.", suffix=".tmp", delete=False
+        )
+    except OSError as exc:
+        raise ConfigurationError(f"Cannot write {path}: {exc.strerror}.") from exc
+    try:
+        with handle:
+            yield handle  # type: ignore[misc]
+        os.replace(handle.name, target)
+    except BaseException as exc:
+        Path(handle.name).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise ConfigurationError(f"Cannot write {path}: {exc.strerror or exc}; nothing was written.") from exc
+        raise
+
+
+# -- the commands ---------------------------------------------------------------------------------------------
+
+
+@app.callback()
+def main_options(context: typer.Context, url: Url = None) -> None:
+    """LLM traces in ClickHouse: usage reports, traces, import and export, health checks, migrations."""
+    context.obj = url
+
+
+@app.command()
+def usage(
+    context: typer.Context,
+    org: Organization = None,
+    all_organizations: AllOrganizations = False,
+    by: Annotated[
+        str,
+        typer.Option(help=f"Group keys, comma-separated ('' for one total). Any of: {', '.join(GROUP_KEYS)}."),
+    ] = "model",
+    since: Since = None,
+    until: Until = None,
+    granularity: Annotated[
+        Granularity | None, typer.Option(help="Add a UTC time bucket per hour, day or month.")
+    ] = None,
+    where: Where = None,
+    percentiles: Annotated[
+        Percentiles, typer.Option(help="Exact latency percentiles, or approximate ones in bounded memory.")
+    ] = Percentiles.EXACT,
+    output_format: Annotated[OutputFormat, typer.Option("--format", help="How to print the report.")] = (
+        OutputFormat.TABLE
+    ),
+    chart: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write a chart of tokens (and cost) over time by the first group key to this .png or .svg file.",
+            dir_okay=False,
+        ),
+    ] = None,
+    url: Url = None,
+) -> None:
+    """Usage (and cost) report: requests, tokens, bytes and latency per group and time bucket."""
+    scope = organization_scope(org, all_organizations)
+    keys = tuple(key.strip() for key in by.split(",") if key.strip())
+    unknown = [key for key in keys if key not in GROUP_KEYS]
+    if unknown or len(set(keys)) != len(keys):
+        problem = f"unknown key(s) {', '.join(unknown)}" if unknown else "a key is repeated"
+        raise typer.BadParameter(f"{problem}; use any of {', '.join(GROUP_KEYS)}", param_hint="'--by'")
+    if chart is not None and chart.suffix.lower() not in usage_chart.FORMATS:
+        raise typer.BadParameter(f"{chart}: a chart file's name ends in .png or .svg", param_hint="'--chart'")
+    if chart is not None and not chart.resolve().parent.is_dir():
+        raise typer.BadParameter(
+            f"{chart}: no directory {chart.resolve().parent} to write it in", param_hint="'--chart'"
+        )
+    start, end = time_range(since, until)
+    filters = parse_where(where)
+    repository = TraceRepository(get_engine(database_url(context, url)))
+
+    def report(bucket: str | None) -> list[UsageRow]:
+        return repository.usage(
+            scope,
+            group_by=keys,
+            since=start,
+            until=end,
+            granularity=bucket,
+            percentiles=percentiles.value,
+            **filters,
+        )
+
+    chosen = granularity.value if granularity is not None else None
+    rows = report(chosen)
+    title = usage_title(scope, keys, chosen, start, end, filters)
+    if output_format is OutputFormat.JSON:
+        usage_report.write_json(rows, keys, sys.stdout)
+    elif output_format is OutputFormat.CSV:
+        usage_report.write_csv(rows, keys, sys.stdout)
+    else:
+        console = stdout_console()
+        console.print(Text(title if rows else f"{title}: no traces.", style="bold"))
+        if rows:
+            rendered = usage_report.table(rows, keys, granularity=chosen)
+            console.print(rendered)
+            wanted = console.measure(rendered).maximum
+            if wanted > console.width:
+                advice = (
+                    f"The table needs {wanted} columns, the terminal has {console.width}: widen it, or use --format csv"
+                )
+                stderr_console().print(Text(advice, style="dim"))
+            left_out = usage_report.unreported(rows)
+            if left_out:
+                console.print(Text(f"Not reported by any trace: {', '.join(left_out)}.", style="dim"))
+    if chart is not None:
+        chart_granularity = chosen or chart_bucket(start, end)
+        chart_rows = rows if chosen is not None else report(chart_granularity)
+        usage_chart.write_chart(
+            chart_rows, chart, key=keys[0] if keys else None, granularity=chart_granularity, title=title
+        )
+        where_to = sys.stdout if output_format is OutputFormat.TABLE else sys.stderr
+        print(f"Chart written to {chart.resolve()}", file=where_to)
+
+
+def usage_title(
+    scope: OrganizationScope,
+    keys: Sequence[str],
+    granularity: str | None,
+    start: datetime | None,
+    end: datetime | None,
+    filters: dict[str, Any],
+) -> str:
+    """A report's title, saying what it covers: "Usage of org-1 by model per day, since 2026-11-21 10:00 UTC"."""
+    whose = "all organizations" if scope is ALL_ORGANIZATIONS else str(scope)
+    parts = [f"Usage of {whose}"]
+    if keys:
+        parts.append(f"by {', '.join(keys)}")
+    if granularity:
+        parts.append(f"per {granularity}")
+    title = " ".join(parts)
+    if start is not None:
+        title += f", since {start:%Y-%m-%d %H:%M} UTC"
+    if end is not None:
+        title += f", until {end:%Y-%m-%d %H:%M} UTC"
+    if filters:
+        title += ", where " + ", ".join(f"{key}={value}" for key, value in filters.items())
+    return title
+
+
+def chart_bucket(start: datetime | None, end: datetime | None) -> str:
+    """The granularity of a chart over ``start``..``end`` when none was asked for: about 24 to 120 bars."""
+    if start is None:
+        return Granularity.DAY.value
+    span = (end or datetime.now(UTC)) - start
+    if span <= timedelta(days=3):
+        return Granularity.HOUR.value
+    if span <= timedelta(days=120):
+        return Granularity.DAY.value
+    return Granularity.MONTH.value
+
+
+@app.command()
+def traces(
+    context: typer.Context,
+    org: Annotated[str, typer.Option("--org", help="The organization whose traces to list.")],
+    where: Where = None,
+    since: Since = None,
+    until: Until = None,
+    limit: Annotated[int, typer.Option(min=1, max=MAX_PAGE_SIZE, help="Traces per page.")] = 20,
+    cursor: Annotated[str | None, typer.Option(help="Start after the page that printed this cursor.")] = None,
+    show: Annotated[
+        str | None, typer.Option(help="Print this one trace (by its id), its JSON payloads pretty-printed.")
+    ] = None,
+    output_format: Annotated[ListFormat, typer.Option("--format", help="How to print the traces.")] = ListFormat.TABLE,
+    url: Url = None,
+) -> None:
+    """List an organization's traces, newest first, a page at a time; or show one with --show ID."""
+    scope = organization_scope(org, False)
+    assert isinstance(scope, str)
+    start, end = time_range(since, until)
+    filters = parse_where(where)
+    repository = TraceRepository(get_engine(database_url(context, url)))
+    if show is not None:
+        trace = repository.get(scope, show)
+        if output_format is ListFormat.JSON:
+            print(trace.model_dump_json(indent=2))
+        else:
+            print_trace(stdout_console(), trace)
+        return
+    page = repository.list(scope, since=start, until=end, limit=limit, cursor=cursor, **filters)
+    if output_format is ListFormat.JSON:
+        items = [trace.model_dump(mode="json") for trace in page.items]
+        json.dump({"traces": items, "next_cursor": page.next_cursor}, sys.stdout, ensure_ascii=False, indent=2)
+        print()
+        return
+    console = stdout_console()
+    console.print(Text(f"Traces of {scope}, newest first", style="bold"))
+    console.print(traces_table(page.items))
+    if page.next_cursor is not None:
+        console.print(Text(f"Next page: --cursor {page.next_cursor}"))
+
+
+def traces_table(items: Sequence[LLMTrace]) -> Table:
+    """One line per trace: when, which, who, what it cost in tokens and time, and whether it failed."""
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold", show_edge=False, pad_edge=False)
+    for name in ("created at (UTC)", "id", "agent", "model", "call type"):
+        table.add_column(name)
+    for name in ("prompt tok", "compl. tok", "total tok", "latency ms"):
+        table.add_column(name, justify="right")
+    table.add_column("error")
+    for trace in items:
+        table.add_row(
+            f"{trace.created_at:%Y-%m-%d %H:%M:%S.%f}",
+            trace.id,
+            trace.agent_id or "-",
+            trace.model,
+            trace.call_type,
+            f"{trace.prompt_tokens:,}",
+            f"{trace.completion_tokens:,}",
+            f"{trace.total_tokens:,}",
+            f"{trace.latency_ms:,}",
+            Text(trace.error_type or "error", style="red") if trace.is_error else "",
+        )
+    return table
+
+
+PAYLOADS = ("request_json", "response_json", "llm_config_json")
+
+
+def print_trace(console: Console, trace: LLMTrace) -> None:
+    """Every field of ``trace``, then its payloads, pretty-printed when they are JSON."""
+    fields = Table(show_header=False, show_edge=False, pad_edge=False, box=None)
+    fields.add_column(style="bold")
+    fields.add_column(overflow="fold")
+    for name, value in trace.model_dump().items():
+        if name not in PAYLOADS:
+            shown = json.dumps(value, ensure_ascii=False) if isinstance(value, list) else str(value)
+            fields.add_row(name, Text("-" if value is None else shown))
+    console.print(fields)
+    for name in PAYLOADS:
+        payload: str = getattr(trace, name)
+        console.print(Text(f"\n{name} ({len(payload.encode()):,} bytes)", style="bold"))
+        try:
+            console.print(JSON(payload))
+        except json.JSONDecodeError:
+            console.print(Text(payload))
+
+
+@app.command("import")
+def import_traces(
+    context: typer.Context,
+    file: Annotated[str, typer.Argument(help="A .jsonl, .csv or .parquet file of traces; - for standard input.")],
+    file_format: Annotated[
+        FileFormat | None, typer.Option("--format", help="The file's format [default: from its name; - is jsonl].")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Traces per batch: each is validated, then written whole.")] = (
+        5_000
+    ),
+    url: Url = None,
+) -> None:
+    """Load traces from a file, exactly once: importing the same file again stores nothing twice.
+
+    Each batch is validated before any of it is written. A batch with bad lines is not written at all: the
+    command lists them (line or row number, field, problem) and stops; fix them and run it again.
+    """
+    name = trace_files.file_format(file, file_format.value if file_format is not None else None)
+    repository = TraceRepository(get_engine(database_url(context, url)))
+    with open_input(file) as stream:
+        counter = trace_files.ByteCounter(stream)
+        if name == "parquet":
+            total = trace_files.parquet_rows(stream)
+            items = trace_files.read_items(stream, name)
+        else:
+            total = _size_of(stream)
+            items = trace_files.read_items(io.BufferedReader(counter), name)
+        read = stored = 0
+        with progress_bar(in_bytes=name != "parquet") as progress:
+            task = progress.add_task(f"importing {file}", total=total)
+            for batch in chunks(items, batch_size):
+                traces_of_batch = validated_batch(
+                    batch, position=trace_files.position_name(name), file=file, stored=stored
+                )
+                try:
+                    stored += repository.add_many(traces_of_batch, batch_size=batch_size)
+                except LLMTraceError as exc:
+                    exc.add_note(
+                        f"{stored:,} trace(s) of earlier batches of {file} were stored; importing it again skips them."
+                    )
+                    raise
+                read += len(batch)
+                progress.update(task, completed=read if name == "parquet" else counter.count)
+    skipped = read - stored
+    print(
+        f"Imported {stored:,} trace(s) from {file}"
+        + (f"; {skipped:,} skipped (already stored, or repeated in the file)." if skipped else ".")
+    )
+
+
+def _size_of(stream: BinaryIO) -> int | None:
+    try:
+        return os.fstat(stream.fileno()).st_size or None
+    except (OSError, ValueError):
+        return None
+
+
+@contextmanager
+def open_input(path: str) -> Iterator[BinaryIO]:
+    """Standard input's bytes for ``-``, else the file."""
+    if path == "-":
+        yield sys.stdin.buffer
+        return
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 (closed below)
+    except OSError as exc:
+        raise ConfigurationError(f"Cannot read {path}: {exc.strerror}.") from exc
+    with handle:
+        yield handle
+
+
+class ImportRejectedError(LLMTraceError):
+    """A batch of an import had lines that are not valid traces; nothing of it was written."""
+
+
+MAX_PROBLEMS_SHOWN = 50
+
+
+def validated_batch(
+    batch: Sequence[tuple[int, trace_files.Item]], *, position: str, file: str, stored: int
+) -> list[LLMTrace]:
+    """The traces of one batch of a file, or :class:`ImportRejectedError` listing every problem by line and field."""
+    problems = [
+        (number, item.field, item.message) for number, item in batch if isinstance(item, trace_files.Unreadable)
+    ]
+    readable = [(number, item) for number, item in batch if not isinstance(item, trace_files.Unreadable)]
+    traces: list[LLMTrace] = []
+    try:
+        traces = validate_traces([item for _, item in readable], start=0)
+    except TraceValidationError as exc:
+        problems += [(readable[index][0], field, message) for index, field, message in exc.problems]
+    if not problems:
+        return traces
+    problems.sort()
+    first, last = batch[0][0], batch[-1][0]
+    lines = [f"  {position} {number}, {field}: {message}" for number, field, message in problems[:MAX_PROBLEMS_SHOWN]]
+    if len(problems) > MAX_PROBLEMS_SHOWN:
+        lines.append(f"  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more")
+    raise ImportRejectedError(
+        f"{file}: {len(problems)} problem(s) in {position}s {first} to {last}; nothing of that batch was written"
+        f" ({stored:,} trace(s) of earlier batches were stored; importing the file again skips them):\n"
+        + "\n".join(lines)
+    )
+
+
+@app.command()
+def export(
+    context: typer.Context,
+    org: Organization = None,
+    all_organizations: AllOrganizations = False,
+    where: Where = None,
+    since: Since = None,
+    until: Until = None,
+    output: Annotated[str, typer.Option("--output", "-o", help="The file to write; - for standard output.")] = "-",
+    file_format: Annotated[
+        FileFormat | None, typer.Option("--format", help="The file's format [default: from its name; - is jsonl].")
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option(min=1, max=MAX_PAGE_SIZE, help="Traces read and written at a time (bounds memory).")
+    ] = 1_000,
+    url: Url = None,
+) -> None:
+    """Write traces to a JSON Lines, CSV or Parquet file, newest first, a page at a time.
+
+    The file is written under a temporary name and renamed when complete: a failed export leaves no partial file.
+    """
+    scope = organization_scope(org, all_organizations)
+    start, end = time_range(since, until)
+    filters = parse_where(where)
+    name = trace_files.file_format(output, file_format.value if file_format is not None else None)
+    repository = TraceRepository(get_engine(database_url(context, url)))
+    if scope is ALL_ORGANIZATIONS:
+        by_organization = repository.usage(
+            ALL_ORGANIZATIONS, group_by=("organization_id",), since=start, until=end, **filters
+        )
+        organizations = [(str(row.organization_id), row.requests) for row in by_organization]
+    else:
+        assert isinstance(scope, str)
+        organizations = [(scope, repository.count(scope, since=start, until=end, **filters))]
+    written = 0
+    with binary_output(output) as out, progress_bar() as progress:
+        writer = trace_files.open_writer(out, name)
+        task = progress.add_task(f"exporting to {output}", total=sum(count for _, count in organizations))
+        for organization, _ in organizations:
+            for page in pages(repository, organization, filters, start, end, batch_size):
+                writer.write(page)
+                written += len(page)
+                progress.update(task, completed=written)
+        writer.close()
+    stderr_console().print(Text(f"Exported {written:,} trace(s)" + ("" if output == "-" else f" to {output}") + "."))
+
+
+def pages(
+    repository: TraceRepository,
+    organization: str,
+    filters: dict[str, Any],
+    since: datetime | None,
+    until: datetime | None,
+    size: int,
+) -> Iterator[list[LLMTrace]]:
+    """An organization's traces, newest first, one page at a time (keyset pagination: memory holds one page)."""
+    cursor = None
+    while True:
+        page = repository.list(organization, since=since, until=until, limit=size, cursor=cursor, **filters)
+        if page.items:
+            yield page.items
+        if page.next_cursor is None:
+            return
+        cursor = page.next_cursor
+
+
+@app.command()
+def doctor(
+    context: typer.Context,
+    spool_dir: Annotated[
+        Path | None, typer.Option(help="Also check this TraceWriter spool directory's backlog.", file_okay=False)
+    ] = None,
+    url: Url = None,
+) -> None:
+    """Check the database and a spool directory: each line OK, WARN or FAIL with what to do; exit 1 on a FAIL."""
+    console = stdout_console()
+    checks = []
+    styles = {health.Status.OK: "green", health.Status.WARN: "yellow", health.Status.FAIL: "bold red"}
+    for check in health.diagnose(database_url(context, url), spool_dir=spool_dir):
+        checks.append(check)
+        line = Text()
+        line.append(f"{check.status.value:<5}", style=styles[check.status])
+        line.append(f"{check.name:<11}{check.found}")
+        console.print(line, overflow="fold")
+        if check.advice:
+            console.print(Text(f"{'':<16}-> {check.advice}"), overflow="fold")
+    if health.report_status(checks) is health.Status.FAIL:
+        raise typer.Exit(1)
+
+
+@app.command()
+def migrate(
+    context: typer.Context,
+    topology: Annotated[
+        str | None,
+        typer.Option(help="single, cluster:<name>, replicated or cloud [default: $LLMTRACE_TOPOLOGY, else detected]."),
+    ] = None,
+    url: Url = None,
+) -> None:
+    """Upgrade the schema to the newest revision (alembic upgrade head, without alembic.ini)."""
     chosen = configured(topology, source="--topology")
-    engine = get_engine(url)
+    engine = get_engine(database_url(context, url))
     upgrade(engine, topology=chosen)
     print(f"Schema is at the newest revision{f' ({chosen} topology)' if chosen else ''}.")
 
 
+@app.command()
 def retention(
-    url: str | None, rows_days: str | None, payload_days: str | None, topology: str | None, materialize: bool
+    context: typer.Context,
+    rows_days: Annotated[
+        str | None, typer.Option(metavar="DAYS|none", help="Days after which traces are dropped.")
+    ] = None,
+    payload_days: Annotated[
+        str | None, typer.Option(metavar="DAYS|none", help="Days after which payloads are emptied.")
+    ] = None,
+    materialize: Annotated[
+        bool, typer.Option(help="Apply the change to parts written before it (background merges do the work).")
+    ] = True,
+    topology: Annotated[
+        str | None, typer.Option(help="As for migrate [default: $LLMTRACE_TOPOLOGY, else detected].")
+    ] = None,
+    url: Url = None,
 ) -> None:
-    """Print the retention, after setting it when both days are given (``"none"``: no limit)."""
+    """Show how long traces and their payloads are kept, or set it by giving both options ("none": no limit)."""
     if rows_days is None and payload_days is None:
-        print(describe(get_retention(get_engine(url), topology=topology)))
+        print(describe_retention(get_retention(get_engine(database_url(context, url)), topology=topology)))
         return
     if rows_days is None or payload_days is None:
-        raise ValueError(
+        raise ConfigurationError(
             "give both --rows-days and --payload-days (a number of days, or none to keep data for as long as the "
             "table exists), or neither to show the retention"
         )
-    # Validated before anything is opened.
-    wanted = Retention(days_or_none("--rows-days", rows_days), days_or_none("--payload-days", payload_days))
+    try:
+        wanted = Retention(days_or_none("--rows-days", rows_days), days_or_none("--payload-days", payload_days))
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(str(exc)) from exc  # checked before the database is opened
     applied = set_retention(
-        get_engine(url),
+        get_engine(database_url(context, url)),
         rows_days=wanted.rows_days,
         payload_days=wanted.payload_days,
         topology=topology,
         materialize=materialize,
     )
-    print(describe(applied))
+    print(describe_retention(applied))
 
 
-def describe(retention: Retention) -> str:
+def describe_retention(retention: Retention) -> str:
     rows = "kept" if retention.rows_days is None else f"dropped after {retention.rows_days} days"
     payloads = "kept" if retention.payload_days is None else f"emptied after {retention.payload_days} days"
     return f"Traces: {rows}; payloads: {payloads}."
@@ -71,118 +745,86 @@ def days_or_none(option: str, value: str) -> int | None:
         raise ValueError(f"{option} takes a whole number of days or none, got {value!r}") from None
 
 
-def timed_step(name: str, timings: dict[str, float], action: Callable[[], ResultT]) -> ResultT:
+@app.command()
+def demo(
+    context: typer.Context,
+    count: Annotated[int, typer.Option("--traces", min=1, help="How many traces to generate.")] = 100_000,
+    seed: Annotated[int | None, typer.Option(help="Random seed [default: a fresh one].")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Traces per add_many batch.")] = 10_000,
+    url: Url = None,
+) -> None:
+    """Migrate, then write generated traces of the last 24 hours (three organizations) through add_many."""
+    chosen_url = database_url(context, url)
+    engine = get_engine(chosen_url)
+    print(f"Database: {redacted(resolve_url(chosen_url))}")
     started = time.perf_counter()
-    result = action()
-    timings[name] = time.perf_counter() - started
-    return result
-
-
-def demo(url: str | None, traces: int, seed: int | None) -> None:
-    """Migrate, write generated traces through the repository, and print the last day's usage."""
-    timings: dict[str, float] = {}
-    engine = get_engine(url)
-    print(f"Database: {redacted(resolve_url(url))}")
-    timed_step("migrate (alembic upgrade head)", timings, lambda: upgrade(engine))
+    upgrade(engine)
+    timings = {"migrate (alembic upgrade head)": time.perf_counter() - started}
     repository = TraceRepository(engine)
-    generated = TimedSource(synthetic_traces(traces, organizations=3, agents_per_organization=4, seed=seed), traces)
+    generated = TimedSource(synthetic_traces(count, organizations=3, agents_per_organization=4, seed=seed))
+    written = 0
     started = time.perf_counter()
-    written = repository.add_many(generated, progress=True)
-    # Traces are generated while add_many consumes them; the two are reported apart.
-    timings[f"generate {traces:,} synthetic traces"] = generated.seconds
-    writing = timings[f"write {traces:,} traces (add_many)"] = time.perf_counter() - started - generated.seconds
-    print(f"Wrote {written:,} traces ({written / writing:,.0f} traces/s, not counting their generation).\n")
-
-    since = datetime.now(UTC) - timedelta(days=1)
-    by_model = timed_step(
-        "usage by model", timings, lambda: repository.usage(ALL_ORGANIZATIONS, group_by=("model",), since=since)
-    )
-    print_usage("Last 24 hours, all organizations, by model", by_model, "model")
-    by_agent = timed_step(
-        "usage by agent",
-        timings,
-        lambda: repository.usage(ALL_ORGANIZATIONS, group_by=("organization_id", "agent_id"), since=since),
-    )
-    print_usage("Last 24 hours, by agent", by_agent, "agent_id")
-
+    with progress_bar() as progress:
+        task = progress.add_task("writing traces", total=count)
+        for batch in chunks(generated, batch_size):
+            written += repository.add_many(batch, batch_size=batch_size)
+            progress.update(task, advance=len(batch))
+    # Traces are generated while they are written; the two are reported apart.
+    timings[f"generate {count:,} synthetic traces"] = generated.seconds
+    writing = timings[f"write {count:,} traces (add_many)"] = time.perf_counter() - started - generated.seconds
+    print(f"Wrote {written:,} traces ({written / writing:,.0f} traces/s, not counting their generation).")
     print("Time per step:")
-    for name, seconds in timings.items():
-        print(f"  {name:<36} {seconds:8.2f} s")
+    for step, seconds in timings.items():
+        print(f"  {step:<36} {seconds:8.2f} s")
+    print("Next: llmtrace usage --all-organizations --since 1d --by model")
 
 
 class TimedSource(Iterator[ItemT]):
-    """Passes on ``count`` items and adds up the time spent producing them.
+    """Passes items on and adds up the time spent producing them."""
 
-    Its length hint (what is left of ``count``) gives add_many's progress bar a total.
-    """
-
-    def __init__(self, items: Iterable[ItemT], count: int) -> None:
+    def __init__(self, items: Iterable[ItemT]) -> None:
         self._items = iter(items)
-        self._left = count
         self.seconds = 0.0
 
     def __next__(self) -> ItemT:
         started = time.perf_counter()
         try:
-            item = next(self._items)
+            return next(self._items)
         finally:
             self.seconds += time.perf_counter() - started
-        self._left -= 1
-        return item
-
-    def __length_hint__(self) -> int:
-        return max(self._left, 0)
 
 
-def print_usage(title: str, rows: Sequence[UsageRow], key: str) -> None:
-    print(title)
-    header = f"  {key:<20}{'requests':>10}{'errors':>8}{'prompt tok':>14}{'compl. tok':>12}{'cached tok':>12}"
-    print(header + f"{'MB in':>9}{'p50 ms':>9}{'p95 ms':>9}")
-    for row in rows:
-        cached = "-" if row.cached_input_tokens is None else f"{row.cached_input_tokens:,}"
-        print(
-            f"  {row.group[key] or '(none)':<20}{row.requests:>10,}{row.errors:>8,}{row.prompt_tokens:>14,}"
-            f"{row.completion_tokens:>12,}{cached:>12}{row.request_bytes / 1e6:>9.1f}"
-            f"{row.latency_p50_ms:>9.0f}{row.latency_p95_ms:>9.0f}"
-        )
-    print()
+def chunks(items: Iterable[ItemT], size: int) -> Iterator[list[ItemT]]:
+    """``items`` in lists of ``size`` (the last may be shorter)."""
+    chunk: list[ItemT] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="llmtrace", description="LLM traces in ClickHouse.")
-    parser.add_argument("--url", help="database URL (default: $LLMTRACE_DATABASE_URL, else the embedded engine)")
-    commands = parser.add_subparsers(dest="command", required=True)
-    migrate_parser = commands.add_parser("migrate", help="upgrade the schema to the newest revision")
-    migrate_parser.add_argument(
-        "--topology",
-        help="single, cluster:<name>, replicated or cloud (default: $LLMTRACE_TOPOLOGY, else detected)",
-    )
-    retention_parser = commands.add_parser(
-        "retention", help="show how long traces and their payloads are kept, or set it with both options"
-    )
-    for option, what in (("--rows-days", "traces are dropped"), ("--payload-days", "payloads are emptied")):
-        retention_parser.add_argument(option, metavar="DAYS|none", help=f"days after which {what}")
-    retention_parser.add_argument(
-        "--no-materialize",
-        dest="materialize",
-        action="store_false",
-        help="leave parts written before the change alone until they are merged",
-    )
-    retention_parser.add_argument("--topology", help="as for migrate (default: $LLMTRACE_TOPOLOGY, else detected)")
-    demo_parser = commands.add_parser("demo", help="write generated traces and print a usage report")
-    demo_parser.add_argument("--traces", type=int, default=100_000, help="how many traces to generate")
-    demo_parser.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one)")
-    args = parser.parse_args(argv)
+    """Run the command line and return its exit code; llmtrace's own errors become one line on stderr and 1.
+
+    Args:
+        argv: The arguments after the program's name (default: ``sys.argv[1:]``).
+    """
     try:
-        if args.command == "migrate":
-            migrate(args.url, args.topology)
-        elif args.command == "retention":
-            retention(args.url, args.rows_days, args.payload_days, args.topology, args.materialize)
-        else:
-            demo(args.url, args.traces, args.seed)
-    except (LLMTraceError, ValueError, TypeError) as exc:
-        print(f"llmtrace: {exc}", file=sys.stderr)
-        return 2
+        app(args=list(argv) if argv is not None else None, prog_name="llmtrace")
+    except SystemExit as exit_:
+        # Typer (Click) ends every run this way: 0 when done, 2 for a wrong command line, or the command's code.
+        return exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 1
+    except LLMTraceError as exc:
+        notes = "".join(f"\n{note}" for note in getattr(exc, "__notes__", ()))
+        print(f"llmtrace: {exc}{notes}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader went away (`llmtrace export | head`): stop quietly, as other command-line tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 

@@ -27,6 +27,16 @@ class ConfigurationError(LLMTraceError):
     """The database URL or another setting cannot be used as given."""
 
 
+class ExtraNotInstalled(ConfigurationError):  # noqa: N818 (a state, like TraceNotFound)
+    """A feature needs a package of one of llmtrace's optional extras, and that package is not installed."""
+
+    def __init__(self, package: str, *, extra: str, feature: str) -> None:
+        super().__init__(
+            f"{feature} needs {package}, which is not installed. It comes with llmtrace's {extra!r} extra: "
+            f"pip install 'llmtrace[{extra}]'."
+        )
+
+
 class EmbeddedEngineError(ConfigurationError):
     """The embedded ClickHouse engine (chDB) cannot be opened or used here.
 

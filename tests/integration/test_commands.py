@@ -41,11 +41,34 @@ def test_alembic_command_line_round_trip(tmp_path: Path) -> None:
 
 
 def test_llmtrace_demo_runs_the_main_job(tmp_path: Path) -> None:
-    result = run([str(BIN / "llmtrace"), "demo", "--traces", "500", "--seed", "1"], f"chdb:///{tmp_path / 'db'}")
+    result = run(
+        [str(BIN / "llmtrace"), "demo", "--traces", "500", "--seed", "1"],
+        f"chdb:///{tmp_path / 'db'}",
+        TTY_INTERACTIVE="1",  # show the progress bar although stderr is a pipe
+    )
     assert result.returncode == 0, result.stderr
     assert "Wrote 500 traces" in result.stdout
-    assert "Last 24 hours, all organizations, by model" in result.stdout
     assert "write 500 traces (add_many)" in result.stdout
+    assert "writing traces" in result.stderr  # the progress bar
+    assert "500/500" in result.stderr
+
+
+def test_llmtrace_migrate_takes_the_url_before_or_after_the_command(tmp_path: Path) -> None:
+    wrong = "postgresql://user:secret@db/app"
+    for arguments in (
+        ["--url", f"chdb:///{tmp_path / 'a'}", "migrate"],
+        ["migrate", "--url", f"chdb:///{tmp_path / 'b'}"],
+    ):
+        result = run([str(BIN / "llmtrace"), *arguments], wrong)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "Schema is at the newest revision.\n"
+
+
+def test_llmtrace_migrate_refuses_a_wrong_topology(tmp_path: Path) -> None:
+    result = run([str(BIN / "llmtrace"), "migrate", "--topology", "cluster:"], f"chdb:///{tmp_path / 'db'}")
+    assert result.returncode == 1
+    assert result.stderr.startswith("llmtrace: ") and "--topology" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_llmtrace_retention_sets_and_shows_it_and_alembic_check_stays_clean(tmp_path: Path) -> None:
@@ -77,16 +100,26 @@ def test_llmtrace_retention_sets_and_shows_it_and_alembic_check_stays_clean(tmp_
 def test_llmtrace_retention_refuses_bad_days_before_opening_anything(
     arguments: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["--url", "chdb:////nonexistent/never-opened", "retention", *arguments]) == 2
+    assert main(["--url", "chdb:////nonexistent/never-opened", "retention", *arguments]) == 1
     assert capsys.readouterr().err.startswith(f"llmtrace: {message}")
     assert not Path("/nonexistent/never-opened").exists()
 
 
 def test_llmtrace_reports_configuration_errors_without_a_traceback() -> None:
     result = run([str(BIN / "llmtrace"), "migrate"], "postgresql://user:secret@db/app")
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert result.stderr.startswith("llmtrace: Unsupported database URL scheme 'postgresql'")
+    assert len(result.stderr.splitlines()) == 1
+    assert "secret" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_every_command_has_help() -> None:
+    for command in ([], ["usage"], ["traces"], ["import"], ["export"], ["doctor"], ["migrate"], ["demo"]):
+        result = run([str(BIN / "llmtrace"), *command, "--help"], "")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("Usage: llmtrace")
+        assert "--url" in result.stdout
 
 
 NON_UTC_ROUND_TRIP = """

@@ -1,0 +1,315 @@
+"""Health checks of a trace database and a writer's spool: each an OK, WARN or FAIL line with what to do.
+
+The checks, in order, each run only when the ones it needs passed: the connection and engine; the schema's
+revision and drift from the model (``alembic check``); the traces table's rows, size on disk, compression and
+parts; its pending mutations; a spool directory's backlog and quarantine. Every FAIL is something that stops
+traces from being written or read; every WARN something that will, or that needs a person, if left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import io
+import os
+import time
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy import Connection, Engine
+from sqlalchemy.engine import make_url
+
+from llmtrace.engine import EMBEDDED_SCHEME, driver_client, get_engine, is_embedded, parse_embedded_url, resolve_url
+from llmtrace.errors import LLMTraceError, database_errors
+from llmtrace.migrations import alembic_config
+from llmtrace.record import TABLE_NAME
+from llmtrace.spool import QUARANTINE_DIRECTORY, QUARANTINE_FILE, SUFFIX
+from llmtrace.spool_format import NotASpoolFile, read_file_header
+from llmtrace.topology import SINGLE, Topology, deployed
+
+VERSION_TABLE = "alembic_version"
+# A partition with more active parts than this share of parts_to_delay_insert is close to slowed-down inserts.
+PARTS_WARNING_SHARE = 0.5
+# A spool file older than this has waited through several replay intervals (30 s by default).
+STALE_SPOOL_SECONDS = 600.0
+
+
+class Status(enum.StrEnum):
+    """How a check came out."""
+
+    OK = "OK"
+    WARN = "WARN"
+    FAIL = "FAIL"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report: what was checked, what was found, and what to do about it (if anything)."""
+
+    status: Status
+    name: str
+    found: str
+    advice: str = ""
+
+
+def diagnose(url: str | None, *, spool_dir: Path | None = None) -> Iterator[Check]:
+    """Run every check against the database at ``url`` (and ``spool_dir``, if given), yielding each as it ends."""
+    database_checks = _database_checks(url)
+    destination = yield from database_checks
+    if spool_dir is not None:
+        yield spool_check(spool_dir, destination=destination)
+
+
+def _database_checks(url: str | None) -> Generator[Check, None, str | None]:
+    """The database's checks; returns its spool destination (``database.table``)."""
+    raw = resolve_url(url)
+    try:
+        engine = get_engine(url)
+    except LLMTraceError as exc:
+        yield Check(Status.FAIL, "connection", str(exc), "fix the URL (--url or LLMTRACE_DATABASE_URL)")
+        return _destination_of(raw)
+    connected = False
+    try:
+        with database_errors("checking the database"), engine.connect() as connection:
+            client = driver_client(connection)
+            yield _engine_check(engine, client, raw)
+            connected = True
+            revision = yield from _schema_checks(connection, client)
+            if revision:
+                topology = (SINGLE if is_embedded(engine) else deployed(client)) or SINGLE
+                yield from _table_checks(client, topology)
+    except LLMTraceError as exc:
+        if connected:
+            yield Check(Status.FAIL, "database", str(exc), "see the error; run `llmtrace doctor` again once fixed")
+        else:
+            yield Check(
+                Status.FAIL,
+                "connection",
+                str(exc),
+                "check that the server is up and reachable, and the URL's host, port and credentials",
+            )
+    return f"{engine.url.database or 'default'}.{TABLE_NAME}"
+
+
+def _destination_of(raw: str) -> str | None:
+    with contextlib.suppress(Exception):
+        parsed = make_url(raw)
+        if parsed.drivername == EMBEDDED_SCHEME:
+            return f"{parse_embedded_url(parsed).database}.{TABLE_NAME}"
+        return f"{parsed.database or 'default'}.{TABLE_NAME}"
+    return None
+
+
+def _engine_check(engine: Engine, client: Any, raw: str) -> Check:
+    version = client.query("SELECT version()").result_rows[0][0]
+    database = client.query("SELECT currentDatabase()").result_rows[0][0]
+    if is_embedded(engine):
+        target = parse_embedded_url(make_url(raw))
+        where = f"embedded engine (chDB, ClickHouse {version}), data directory {target.directory}, database {database}"
+    else:
+        url = engine.url
+        where = f"ClickHouse server {version} at {url.host}:{url.port or 8123}, database {database}"
+    return Check(Status.OK, "connection", where)
+
+
+def _schema_checks(connection: Connection, client: Any) -> Generator[Check, None, str | None]:
+    """Revision and drift; returns the database's revision, or ``None`` when it has none."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    exists = client.query(
+        "SELECT count() FROM system.tables WHERE database = currentDatabase() AND name = %(table)s",
+        parameters={"table": VERSION_TABLE},
+    ).result_rows[0][0]
+    revisions = (
+        [row[0] for row in client.query(f"SELECT version_num FROM {VERSION_TABLE}").result_rows] if exists else []
+    )
+    if not revisions:
+        yield Check(
+            Status.FAIL,
+            "schema",
+            "not migrated: the database has no llmtrace schema",
+            "run `llmtrace migrate` (or `alembic upgrade head`) to create the traces table",
+        )
+        return None
+    revision = str(revisions[0])
+    known = ScriptDirectory.from_config(alembic_config())
+    if len(revisions) > 1:
+        yield Check(
+            Status.FAIL, "schema", f"several revisions recorded: {', '.join(revisions)}", "inspect alembic_version"
+        )
+        return revision
+    if revision != head:
+        try:
+            known.get_revision(revision)
+        except CommandError:
+            yield Check(
+                Status.FAIL,
+                "schema",
+                f"at revision {revision}, which this llmtrace does not know (its newest is {head})",
+                "upgrade llmtrace to the release that wrote this schema",
+            )
+            return revision
+        yield Check(
+            Status.FAIL, "schema", f"at revision {revision}, behind the newest ({head})", "run `llmtrace migrate`"
+        )
+        return revision
+    yield Check(Status.OK, "schema", f"at the newest revision ({head})")
+    yield _drift_check(connection)
+    return revision
+
+
+def _drift_check(connection: Connection) -> Check:
+    config = alembic_config(connection)
+    # alembic check prints "No new upgrade operations detected." on success; the report says it in its own words.
+    config.stdout = io.StringIO()
+    try:
+        command.check(config)
+    except CommandError as exc:
+        return Check(
+            Status.FAIL,
+            "drift",
+            f"the table differs from the model: {exc}",
+            "someone altered it by hand: undo that, or write a migration for it (`alembic revision --autogenerate`)",
+        )
+    return Check(Status.OK, "drift", "the table matches the model (alembic check)")
+
+
+_PARTS = """
+SELECT count(), uniqExact(partition), sum(rows), sum(bytes_on_disk), sum(data_compressed_bytes),
+       sum(data_uncompressed_bytes)
+FROM system.parts WHERE database = currentDatabase() AND table = %(table)s AND active
+"""
+_MOST_PARTS = """
+SELECT partition, count() AS parts FROM system.parts
+WHERE database = currentDatabase() AND table = %(table)s AND active
+GROUP BY partition ORDER BY parts DESC LIMIT 1
+"""
+_DELAY_SETTING = "SELECT value FROM system.merge_tree_settings WHERE name = 'parts_to_delay_insert'"
+_MUTATIONS = """
+SELECT count(), min(create_time), anyIf(latest_fail_reason, latest_fail_reason != '')
+FROM system.mutations WHERE database = currentDatabase() AND table = %(table)s AND NOT is_done
+"""
+
+
+def _table_checks(client: Any, topology: Topology) -> Iterator[Check]:
+    table = topology.storage_table(TABLE_NAME)
+    scope = " (on this host)" if topology.distributed else ""
+    parameters = {"table": table}
+    parts, partitions, rows, on_disk, compressed, uncompressed = client.query(
+        _PARTS, parameters=parameters
+    ).result_rows[0]
+    ratio = f", compression {uncompressed / compressed:.1f}x" if compressed else ""
+    yield Check(
+        Status.OK,
+        "table",
+        f"{table}{scope}: {rows:,} rows, {_size(on_disk)} on disk ({_size(uncompressed)} uncompressed{ratio})",
+    )
+    most = client.query(_MOST_PARTS, parameters=parameters).result_rows
+    delay = int(client.query(_DELAY_SETTING).result_rows[0][0])
+    busiest = f"; most in one partition: {most[0][1]} ({most[0][0]})" if most else ""
+    found = f"{parts} active parts in {partitions} partitions{busiest}"
+    if most and most[0][1] > delay * PARTS_WARNING_SHARE:
+        yield Check(
+            Status.WARN,
+            "parts",
+            f"{found}; ClickHouse slows inserts down at {delay} parts in a partition",
+            "write bigger, fewer batches (TraceWriter batch_size, add_many batch_size) and let merges catch up",
+        )
+    else:
+        yield Check(Status.OK, "parts", found)
+    pending, since, failure = client.query(_MUTATIONS, parameters=parameters).result_rows[0]
+    if not pending:
+        yield Check(Status.OK, "mutations", "none pending")
+    elif failure:
+        yield Check(
+            Status.FAIL,
+            "mutations",
+            f"{pending} pending since {since}, failing: {failure}",
+            "see system.mutations (latest_fail_reason); fix the cause or KILL MUTATION, then delete again",
+        )
+    else:
+        yield Check(
+            Status.WARN,
+            "mutations",
+            f"{pending} pending since {since} (deletes still rewriting parts)",
+            "wait for them to finish; watch system.mutations",
+        )
+
+
+def spool_check(directory: Path, *, destination: str | None) -> Check:
+    """The backlog of a spool directory: files waiting for replay (this database's and others'), and the quarantine."""
+    name = "spool"
+    if not directory.is_dir():
+        return Check(
+            Status.WARN,
+            name,
+            f"{directory} does not exist (nothing was ever spooled there, or this is not the writer's spool_dir)",
+            "pass the spool_dir of the TraceWriter",
+        )
+    mine = others = 0
+    size = 0
+    oldest: float | None = None
+    for path in directory.iterdir():
+        if not path.name.endswith(SUFFIX) or path.name.startswith(".") or not path.is_file():
+            continue
+        try:
+            with open(path, "rb") as handle:
+                header, _ = read_file_header(handle.fileno())
+                stat = os.fstat(handle.fileno())
+        except (OSError, NotASpoolFile):
+            continue
+        size += stat.st_size
+        oldest = stat.st_mtime if oldest is None else min(oldest, stat.st_mtime)
+        if header.destination in (None, destination):
+            mine += 1
+        else:
+            others += 1
+    quarantined = _lines(directory / QUARANTINE_DIRECTORY / QUARANTINE_FILE)
+    found = f"{directory}: {mine} file(s) waiting for {destination or 'this database'}"
+    if others:
+        found += f", {others} for other databases"
+    if mine or others:
+        age = time.time() - (oldest or time.time())
+        found += f", {_size(size)}, oldest {age:,.0f} s old"
+    if quarantined:
+        found += f"; {quarantined} quarantine entr{'y' if quarantined == 1 else 'ies'}"
+        return Check(
+            Status.WARN,
+            name,
+            found,
+            f"traces set aside need a person: read {directory / QUARANTINE_DIRECTORY / QUARANTINE_FILE}",
+        )
+    if mine and time.time() - (oldest or time.time()) > STALE_SPOOL_SECONDS:
+        return Check(
+            Status.WARN,
+            name,
+            found,
+            "no writer has replayed them lately: start a TraceWriter with this spool_dir against this database",
+        )
+    return Check(Status.OK, name, found)
+
+
+def _lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as handle:
+            return sum(1 for line in handle if line.strip())
+    except FileNotFoundError:
+        return 0
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:,.0f} {unit}" if unit == "B" else f"{count:,.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def report_status(checks: list[Check]) -> Status:
+    """The worst status of the checks."""
+    order = [Status.OK, Status.WARN, Status.FAIL]
+    return max((check.status for check in checks), key=order.index, default=Status.OK)

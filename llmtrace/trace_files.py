@@ -1,0 +1,316 @@
+"""Trace files: JSON Lines, CSV and Parquet, read item by item and written batch by batch.
+
+One trace per JSON line (the fields of :class:`~llmtrace.LLMTrace` as JSON, ``created_at`` in ISO 8601), per CSV
+row (a header row names the fields) or per Parquet row. Readers number what they yield as a person finds it in
+the file (JSON Lines and CSV: the line a trace starts on; Parquet: the row, from 1) and turn what cannot be read
+into an :class:`Unreadable` item rather than an exception, so that a batch's problems are reported together.
+
+How values are written, so that reading them back gives the same trace:
+
+- JSON Lines: as the model serialises to JSON (``LLMTrace.model_dump_json``): microseconds and the UTC zone,
+  ``null`` for an absent value.
+- CSV: an empty cell is an absent value (``None``) in a field that may be absent, and ``""`` in the payload fields
+  that may not; ``agent_tags`` is a JSON array; flags are ``true``/``false``; ``created_at`` is ISO 8601.
+- Parquet: typed columns (:data:`PARQUET_SCHEMA`): unsigned integers of the column's width, nulls where a count is
+  unknown, ``timestamp[us, UTC]``. pyarrow comes with llmtrace's ``reports`` extra.
+
+Writers take batches, so that an export holds one page of traces at a time; a Parquet file gets one row group
+per batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import NoneType
+from typing import Any, BinaryIO, Protocol, get_args
+
+from llmtrace.errors import ConfigurationError, ExtraNotInstalled
+from llmtrace.model import CLICKHOUSE_COLUMNS, LLMTrace
+
+FORMATS = ("jsonl", "csv", "parquet")
+SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+# Fields that may be absent (None): an empty CSV cell means None there, and "" in every other field.
+NULLABLE_FIELDS = frozenset(
+    name for name, info in LLMTrace.model_fields.items() if NoneType in get_args(info.annotation)
+)
+FLAG_FIELDS = frozenset({"is_byok", "is_error"})
+LIST_FIELDS = frozenset({"agent_tags"})
+# Large enough to be read efficiently, small enough to bound memory: pyarrow's batches when reading Parquet.
+PARQUET_READ_BATCH = 1_000
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """An item of a file that is not a mapping of trace fields: which field (or ``(line)``) and why."""
+
+    field: str
+    message: str
+
+
+Item = dict[str, Any] | Unreadable
+
+
+def file_format(path: str, given: str | None) -> str:
+    """The format of ``path``: ``given`` when set, else from its suffix (``-``, for standard input or output: jsonl).
+
+    Raises:
+        ConfigurationError: ``given`` is not a known format, or the suffix names none.
+    """
+    if given is not None:
+        if given not in FORMATS:
+            raise ConfigurationError(f"Unknown file format {given!r}; use one of {', '.join(FORMATS)}.")
+        return given
+    if path == "-":
+        return "jsonl"
+    found = SUFFIXES.get(Path(path).suffix.lower())
+    if found is None:
+        raise ConfigurationError(
+            f"Cannot tell the format of {path} from its name; name it *.jsonl, *.csv or *.parquet, or pass --format."
+        )
+    return found
+
+
+def position_name(format_name: str) -> str:
+    """What the numbers a reader yields count: lines of text files, rows of Parquet files."""
+    return "row" if format_name == "parquet" else "line"
+
+
+# -- reading --------------------------------------------------------------------------------------------------
+
+
+def read_items(stream: BinaryIO, format_name: str) -> Iterator[tuple[int, Item]]:
+    """Yield ``(line or row number, item)`` for every trace of a file, one at a time.
+
+    Args:
+        stream: The file, opened in binary mode (standard input's buffer for ``-``). A Parquet file needs a
+            seekable stream; standard input is read into memory first.
+        format_name: One of :data:`FORMATS`.
+    """
+    if format_name == "jsonl":
+        return _read_jsonl(stream)
+    if format_name == "csv":
+        return _read_csv(stream)
+    return _read_parquet(stream)
+
+
+def _read_jsonl(stream: BinaryIO) -> Iterator[tuple[int, Item]]:
+    for number, line in enumerate(stream, 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except UnicodeDecodeError as exc:
+            yield number, Unreadable("(line)", f"not UTF-8 text: {exc.reason} at byte {exc.start}")
+            continue
+        except json.JSONDecodeError as exc:
+            yield number, Unreadable("(line)", f"not valid JSON: {exc.msg} at column {exc.colno}")
+            continue
+        if not isinstance(value, dict):
+            yield number, Unreadable("(line)", f"expected a JSON object of trace fields, got {type(value).__name__}")
+            continue
+        yield number, value
+
+
+def _read_csv(stream: BinaryIO) -> Iterator[tuple[int, Item]]:
+    text = io.TextIOWrapper(stream, encoding="utf-8", newline="")
+    reader = csv.DictReader(text, restval=None)  # None: a row with fewer cells than the header
+    start = 2
+    try:
+        for row in reader:
+            yield start, _csv_item(row)
+            start = reader.line_num + 1
+    except UnicodeDecodeError as exc:
+        yield reader.line_num + 1, Unreadable("(line)", f"not UTF-8 text: {exc.reason}")
+    except csv.Error as exc:
+        yield reader.line_num, Unreadable("(line)", f"not valid CSV: {exc}")
+    finally:
+        text.detach()
+
+
+def _csv_item(row: dict[str | None, Any]) -> Item:
+    if None in row:
+        return Unreadable("(line)", f"{len(row[None])} more cell(s) than the header has columns")
+    item: dict[str, Any] = {}
+    for name, cell in row.items():
+        assert name is not None
+        if cell is None:
+            return Unreadable("(line)", "fewer cells than the header has columns")
+        if name in LIST_FIELDS:
+            try:
+                item[name] = json.loads(cell) if cell else []
+            except json.JSONDecodeError as exc:
+                return Unreadable(name, f'expected a JSON array such as ["a", "b"]: {exc.msg}')
+        elif cell == "" and name in NULLABLE_FIELDS:
+            item[name] = None
+        else:
+            item[name] = cell
+    return item
+
+
+def _read_parquet(stream: BinaryIO) -> Iterator[tuple[int, Item]]:
+    parquet = _pyarrow_parquet("Reading Parquet files")
+    source: Any = stream if stream.seekable() else io.BytesIO(stream.read())
+    try:
+        batches = parquet.ParquetFile(source).iter_batches(batch_size=PARQUET_READ_BATCH)
+        number = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                number += 1
+                yield number, row
+    except (OSError, ValueError) as exc:
+        # pyarrow's ArrowInvalid (a ValueError) and ArrowIOError (an OSError): not a Parquet file, or a damaged one.
+        raise ConfigurationError(f"Cannot read the Parquet file: {exc}") from exc
+
+
+def parquet_rows(stream: BinaryIO) -> int | None:
+    """How many rows a seekable Parquet file holds (from its footer), for a progress bar; else ``None``."""
+    if not stream.seekable():
+        return None
+    parquet = _pyarrow_parquet("Reading Parquet files")
+    try:
+        rows = parquet.ParquetFile(stream).metadata.num_rows
+    except (OSError, ValueError):
+        rows = None
+    stream.seek(0)
+    return None if rows is None else int(rows)
+
+
+# -- writing --------------------------------------------------------------------------------------------------
+
+
+class TraceWriter(Protocol):
+    """Writes batches of traces to a file, and its end when closed."""
+
+    def write(self, traces: Sequence[LLMTrace]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def open_writer(out: BinaryIO, format_name: str) -> TraceWriter:
+    """A writer of traces in ``format_name`` to ``out`` (a binary stream; closing the writer does not close it)."""
+    if format_name == "jsonl":
+        return JsonLinesWriter(out)
+    if format_name == "csv":
+        return CsvWriter(out)
+    return ParquetWriter(out)
+
+
+class JsonLinesWriter:
+    """One JSON object per line, as the model serialises itself."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self._out = out
+
+    def write(self, traces: Sequence[LLMTrace]) -> None:
+        self._out.write(b"".join(trace.model_dump_json().encode() + b"\n" for trace in traces))
+
+    def close(self) -> None:
+        self._out.flush()
+
+
+class CsvWriter:
+    """A header row, then one row per trace (see the module's notes on empty cells)."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self._text = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=True)
+        self._csv = csv.writer(self._text, lineterminator="\n")
+        self._csv.writerow(CLICKHOUSE_COLUMNS)
+
+    def write(self, traces: Sequence[LLMTrace]) -> None:
+        self._csv.writerows([_csv_cell(name, getattr(trace, name)) for name in CLICKHOUSE_COLUMNS] for trace in traces)
+
+    def close(self) -> None:
+        self._text.flush()
+        self._text.detach()
+
+
+def _csv_cell(name: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if name in LIST_FIELDS:
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
+
+
+class ParquetWriter:
+    """A Parquet file of :data:`PARQUET_SCHEMA`, one row group per batch."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self._pa = _pyarrow("Writing Parquet files")
+        parquet = _pyarrow_parquet("Writing Parquet files")
+        self._schema = parquet_schema()
+        self._writer = parquet.ParquetWriter(out, self._schema, compression="zstd")
+
+    def write(self, traces: Sequence[LLMTrace]) -> None:
+        if traces:
+            rows = [trace.model_dump() for trace in traces]
+            self._writer.write_table(self._pa.Table.from_pylist(rows, schema=self._schema))
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def parquet_schema() -> Any:
+    """The Parquet columns of a trace: the table's columns, in its order, with its types."""
+    pa = _pyarrow("Writing Parquet files")
+    string, uint32, uint64 = pa.string(), pa.uint32(), pa.uint64()
+    types = {
+        "agent_tags": pa.list_(string),
+        "is_byok": pa.bool_(),
+        "is_error": pa.bool_(),
+        "request_size_bytes": uint64,
+        "response_size_bytes": uint64,
+        "prompt_tokens": uint32,
+        "completion_tokens": uint32,
+        "total_tokens": uint32,
+        "cached_input_tokens": uint32,
+        "cache_write_tokens": uint32,
+        "reasoning_tokens": uint32,
+        "latency_ms": uint32,
+        "created_at": pa.timestamp("us", tz="UTC"),
+    }
+    return pa.schema(
+        [pa.field(name, types.get(name, string), nullable=name in NULLABLE_FIELDS) for name in CLICKHOUSE_COLUMNS]
+    )
+
+
+def _pyarrow(feature: str) -> Any:
+    try:
+        import pyarrow
+    except ImportError as exc:
+        raise ExtraNotInstalled("pyarrow", extra="reports", feature=feature) from exc
+    return pyarrow
+
+
+def _pyarrow_parquet(feature: str) -> Any:
+    _pyarrow(feature)
+    import pyarrow.parquet
+
+    return pyarrow.parquet
+
+
+class ByteCounter(io.RawIOBase):
+    """A binary stream passed through unchanged, counting the bytes read (a progress bar's measure)."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._stream.read(len(buffer))
+        buffer[: len(data)] = data
+        self.count += len(data)
+        return len(data)

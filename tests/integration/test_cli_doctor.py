@@ -1,0 +1,169 @@
+"""``llmtrace doctor``: one OK/WARN/FAIL line per check with what to do, and exit code 1 on a FAIL."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from alembic.script import ScriptDirectory
+
+from llmtrace.migrations import PROJECT_ROOT, alembic_config
+from llmtrace.spool import Quarantine, Spool
+from tests.cli_support import BIN, llmtrace, repository_call
+from tests.factories import make_trace
+
+HEAD = ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def lines_of(output: str) -> dict[str, str]:
+    """The report's lines by check name (advice lines, which start with spaces, joined to their check's)."""
+    checks: dict[str, str] = {}
+    last = ""
+    for line in output.splitlines():
+        if line.startswith(" "):
+            checks[last] += "\n" + line.strip()
+        else:
+            status, last, found = line.split(maxsplit=2)
+            checks[last] = f"{status} {found}"
+    return checks
+
+
+def test_an_unmigrated_database_fails_and_says_to_migrate(tmp_path: Path) -> None:
+    result = llmtrace("doctor", url=f"chdb:///{tmp_path / 'db'}")
+    assert result.returncode == 1, result
+    checks = lines_of(result.stdout)
+    assert checks["connection"].startswith("OK embedded engine (chDB, ClickHouse 26.")
+    assert f"data directory {tmp_path / 'db'}, database default" in checks["connection"]
+    assert checks["schema"] == (
+        "FAIL not migrated: the database has no llmtrace schema\n"
+        "-> run `llmtrace migrate` (or `alembic upgrade head`) to create the traces table"
+    )
+    assert list(checks) == ["connection", "schema"]
+
+
+@pytest.fixture
+def populated(tmp_path: Path) -> str:
+    url = f"chdb:///{tmp_path / 'db'}?database=traces"
+    assert repository_call(url, tmp_path, "add", traces=[make_trace(i) for i in range(300)]) == 300
+    return url
+
+
+def test_a_healthy_database_passes_with_its_numbers(populated: str) -> None:
+    result = llmtrace("doctor", url=populated)
+    assert result.returncode == 0, result
+    checks = lines_of(result.stdout)
+    assert list(checks) == ["connection", "schema", "drift", "table", "parts", "mutations"]
+    assert all(line.startswith("OK ") for line in checks.values()), checks
+    assert checks["schema"] == f"OK at the newest revision ({HEAD})"
+    assert checks["table"].startswith("OK llm_traces: 300 rows, ")
+    assert "on disk (" in checks["table"] and "compression " in checks["table"]
+    assert checks["parts"].startswith("OK 1 active parts in 1 partitions")
+    assert checks["mutations"] == "OK none pending"
+
+
+def test_drift_and_a_failing_mutation_fail(populated: str, tmp_path: Path) -> None:
+    repository_call(
+        populated,
+        tmp_path,
+        "execute",
+        statements=[
+            "ALTER TABLE llm_traces ADD COLUMN colour String",
+            # A mutation that can never finish: throwIf fails on every row.
+            "ALTER TABLE llm_traces DELETE WHERE throwIf(latency_ms >= 0, 'stuck on purpose')",
+        ],
+        settings={"mutations_sync": 0},
+    )
+    result = llmtrace("doctor", url=populated)
+    assert result.returncode == 1, result
+    checks = lines_of(result.stdout)
+    assert checks["drift"].startswith("FAIL the table differs from the model: ")
+    assert "colour" in checks["drift"] and "alembic revision --autogenerate" in checks["drift"]
+    assert checks["mutations"].startswith("FAIL 1 pending since ")
+    assert "stuck on purpose" in checks["mutations"] and "KILL MUTATION" in checks["mutations"]
+
+
+def test_a_database_behind_the_newest_revision_fails(tmp_path: Path) -> None:
+    url = f"chdb:///{tmp_path / 'db'}"
+    downgrade = subprocess.run(
+        ["bash", "-c", f"{BIN / 'alembic'} upgrade 0002"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "LLMTRACE_DATABASE_URL": url},
+    )
+    assert downgrade.returncode == 0, downgrade.stderr
+    result = llmtrace("doctor", url=url)
+    assert result.returncode == 1
+    assert lines_of(result.stdout)["schema"] == (
+        f"FAIL at revision 0002, behind the newest ({HEAD})\n-> run `llmtrace migrate`"
+    )
+
+
+def test_spool_backlog_and_quarantine(populated: str, tmp_path: Path) -> None:
+    spool_dir = tmp_path / "spool"
+    mine = Spool(spool_dir, destination="traces.llm_traces")
+    mine.append([make_trace(i) for i in range(5)])
+    mine.rotate()
+    other = Spool(spool_dir, destination="elsewhere.llm_traces")
+    other.append([make_trace(9)])
+    other.rotate()
+    result = llmtrace("doctor", "--spool-dir", str(spool_dir), url=populated)
+    assert result.returncode == 0, result
+    spool = lines_of(result.stdout)["spool"]
+    assert spool.startswith(f"OK {spool_dir}: 1 file(s) waiting for traces.llm_traces, 1 for other databases, ")
+
+    old = time.time() - 3600
+    for path in spool_dir.glob("*.spool"):
+        os.utime(path, (old, old))
+    spool = lines_of(llmtrace("doctor", "--spool-dir", str(spool_dir), url=populated).stdout)["spool"]
+    assert spool.startswith("WARN ") and "no writer has replayed them lately" in spool
+
+    Quarantine(spool_dir).add({"reason": "rejected by ClickHouse"})
+    result = llmtrace("doctor", "--spool-dir", str(spool_dir), url=populated)
+    assert result.returncode == 0  # a warning is not a failure
+    spool = lines_of(result.stdout)["spool"]
+    assert spool.startswith("WARN ") and "1 quarantine entry" in spool and "quarantine.jsonl" in spool
+
+
+@pytest.mark.parametrize(
+    ("url", "found"),
+    [
+        ("postgresql://user:secret@db/app", "Unsupported database URL scheme 'postgresql'"),
+        ("clickhousedb://default:secret@127.0.0.1:9/traces", "127.0.0.1:9"),
+    ],
+)
+def test_no_connection_fails(url: str, found: str) -> None:
+    result = llmtrace("doctor", url=url)
+    assert result.returncode == 1
+    checks = lines_of(result.stdout)
+    assert list(checks) == ["connection"]
+    assert checks["connection"].startswith("FAIL ") and found in checks["connection"]
+    assert "secret" not in result.stdout
+
+
+def test_a_data_directory_held_by_another_process_fails_with_its_pid(tmp_path: Path) -> None:
+    url = f"chdb:///{tmp_path / 'db'}"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from llmtrace import get_engine; get_engine({url!r}); print('ready', flush=True); input()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
+        result = llmtrace("doctor", url=url)
+    finally:
+        holder.communicate("\n", timeout=60)
+    assert result.returncode == 1
+    connection = lines_of(result.stdout)["connection"]
+    assert connection.startswith(f"FAIL The embedded ClickHouse data directory {tmp_path / 'db'} is in use by another")
+    assert f"(pid {holder.pid})" in connection
