@@ -21,7 +21,7 @@ demo: install
 	$(BIN)/llmtrace usage --all-organizations --since 1d --by model --chart .llmtrace/usage-by-model.png
 
 test: lint
-	$(BIN)/pytest -n 2 -q
+	$(BIN)/pytest -n 2 -q --durations=15
 
 lint: install
 	$(BIN)/ruff check $(CHECKED)
@@ -39,6 +39,7 @@ bench: install
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/writer.py
 	$(BIN)/python benchmarks/storage.py
+	$(BIN)/python benchmarks/rollup.py
 
 clean:
 	rm -rf $(VENV) .llmtrace .pytest_cache .mypy_cache .ruff_cache .hypothesis

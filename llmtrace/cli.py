@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO, TypeVar
 
@@ -48,6 +49,14 @@ from llmtrace.filters import ALL_ORGANIZATIONS, EQUALITY_FILTERS, FLAG_FILTERS, 
 from llmtrace.ingest import validate_traces
 from llmtrace.migrations import upgrade
 from llmtrace.model import LLMTrace, as_utc
+from llmtrace.prices import (
+    EARLIEST,
+    ModelPrice,
+    list_prices,
+    load_default_prices,
+    price_unpriced_models,
+    set_price,
+)
 from llmtrace.repository import MAX_PAGE_SIZE, TraceRepository
 from llmtrace.retention import Retention, get_retention, set_retention
 from llmtrace.synthetic import synthetic_traces
@@ -804,6 +813,123 @@ def chunks(items: Iterable[ItemT], size: int) -> Iterator[list[ItemT]]:
             chunk = []
     if chunk:
         yield chunk
+
+
+prices_app = typer.Typer(
+    help="The price list reports are priced from: list it, set your own prices, add prices for unpriced models.",
+    no_args_is_help=True,
+)
+app.add_typer(prices_app, name="prices")
+
+
+@prices_app.command("list")
+def prices_list(
+    context: typer.Context,
+    provider: Annotated[str | None, typer.Option(help="Only this provider (as traces name it).")] = None,
+    model: Annotated[str | None, typer.Option(help="Only this model (as traces name it).")] = None,
+    source: Annotated[str | None, typer.Option(help="Only 'user' (your prices) or 'genai-prices'.")] = None,
+    output: Annotated[
+        OutputFormat, typer.Option("--format", help="table or json (csv prints the table).")
+    ] = OutputFormat.TABLE,
+    url: Url = None,
+) -> None:
+    """The prices in force, per provider, model and start; rates in USD per million tokens (base tier)."""
+    found = list_prices(get_engine(database_url(context, url)), provider=provider, model=model, source=source)
+    if output is OutputFormat.JSON:
+        print(json.dumps([_price_record(price) for price in found], indent=2))
+        return
+    table = Table(box=box.SIMPLE_HEAD)
+    for header in ("provider", "model", "from (UTC)", "source", "input", "cached", "cache write", "output", "tiers"):
+        table.add_column(header)
+    for price in found:
+        base = price.tiers[0]
+        table.add_row(
+            price.provider,
+            price.model,
+            price.effective_from.strftime("%Y-%m-%d %H:%M"),
+            price.source,
+            *(f"{value.normalize():f}" for value in (base.input, base.cached_input, base.cache_write, base.output)),
+            str(len(price.tiers) - 1) if len(price.tiers) > 1 else "",
+        )
+    stdout_console().print(table)
+
+
+def _price_record(price: ModelPrice) -> dict[str, Any]:
+    return {
+        "provider": price.provider,
+        "model": price.model,
+        "effective_from": price.effective_from.isoformat(),
+        "source": price.source,
+        "prompt_includes_cached": price.prompt_includes_cached,
+        "completion_includes_reasoning": price.completion_includes_reasoning,
+        "tiers": [
+            {name: (str(value) if value is not None else None) for name, value in vars(tier).items()}
+            for tier in price.tiers
+        ],
+    }
+
+
+@prices_app.command("set")
+def prices_set(
+    context: typer.Context,
+    provider: Annotated[str, typer.Argument(help="The provider, as traces name it.")],
+    model: Annotated[str, typer.Argument(help="The model, as traces name it.")],
+    input_rate: Annotated[str, typer.Option("--input", help="USD per million input tokens.")],
+    output_rate: Annotated[str, typer.Option("--output", help="USD per million output tokens.")],
+    cached_input: Annotated[str | None, typer.Option(help="Cache reads [default: the input rate].")] = None,
+    cache_write: Annotated[str | None, typer.Option(help="Cache writes [default: the input rate].")] = None,
+    reasoning: Annotated[str | None, typer.Option(help="Reasoning tokens [default: the output rate].")] = None,
+    effective_from: Annotated[
+        str | None, typer.Option("--from", help="A whole UTC hour, ISO format [default: the start of time].")
+    ] = None,
+    url: Url = None,
+) -> None:
+    """Set your own price for a model (it wins over the default list from its start on); reports re-price at once."""
+    try:
+        start = as_utc(datetime.fromisoformat(effective_from)) if effective_from else EARLIEST
+        price = ModelPrice.flat(
+            provider,
+            model,
+            input=_rate("--input", input_rate) or Decimal(0),
+            output=_rate("--output", output_rate) or Decimal(0),
+            cached_input=_rate("--cached-input", cached_input),
+            cache_write=_rate("--cache-write", cache_write),
+            reasoning=_rate("--reasoning", reasoning),
+            effective_from=start,
+        )
+    except ValueError as exc:
+        raise ConfigurationError(f"invalid price: {exc}") from exc
+    set_price(get_engine(database_url(context, url)), price)
+    print(f"{provider} {model}: {input_rate} in / {output_rate} out per million tokens from {start.isoformat()}.")
+
+
+def _rate(option: str, value: str | None) -> Decimal | None:
+    """A rate given on the command line, as an exact Decimal."""
+    if value is None:
+        return None
+    try:
+        return Decimal(value)
+    except ArithmeticError:  # decimal.InvalidOperation
+        raise ValueError(f"{option} takes a number of USD per million tokens, got {value!r}") from None
+
+
+@prices_app.command("sync")
+def prices_sync(context: typer.Context, url: Url = None) -> None:
+    """Add genai-prices' prices for the model names traces use that have no price yet (dated variants, aliases)."""
+    report = price_unpriced_models(get_engine(database_url(context, url)))
+    for provider, model in report.priced:
+        print(f"priced: {provider} {model}")
+    for provider, model in report.still_unpriced:
+        print(f"no price known: {provider} {model} -> set one with `llmtrace prices set`")
+    if not report.priced and not report.still_unpriced:
+        print("Every model the traces name has a price.")
+
+
+@prices_app.command("refresh")
+def prices_refresh(context: typer.Context, url: Url = None) -> None:
+    """Bring the default list up to the installed genai-prices (your own prices are left alone)."""
+    count = load_default_prices(get_engine(database_url(context, url)))
+    print(f"The default list holds {count:,} prices.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

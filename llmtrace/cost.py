@@ -51,7 +51,7 @@ from sqlalchemy.sql import ColumnElement
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.selectable import FromClause, Join, Subquery
 
-from llmtrace.prices import PRICES_TABLE, TIER_THRESHOLDS, USER_SOURCE
+from llmtrace.prices import PRICES_TABLE, RATE_COLUMNS, TIER_THRESHOLDS, USER_SOURCE
 from llmtrace.record import TRACES_TABLE
 
 # ClickHouse fills the columns of an unmatched LEFT JOIN row with defaults (0, [], '') unless join_use_nulls is
@@ -61,17 +61,7 @@ COST_SETTINGS = {"join_use_nulls": 0}
 # tier_band) has exactly the tiers at or below LADDER[band + 1] in force.
 _LADDER = "[-1, " + ", ".join(map(str, TIER_THRESHOLDS)) + "]"
 _MILLIONTHS = Context(prec=80)
-PRICE_FIELDS = (
-    "prompt_includes_cached",
-    "completion_includes_reasoning",
-    "tier_above",
-    "input_per_mtok",
-    "cached_input_per_mtok",
-    "cache_write_per_mtok",
-    "output_per_mtok",
-    "reasoning_per_mtok",
-    "per_thousand_requests",
-)
+PRICE_FIELDS = ("prompt_includes_cached", "completion_includes_reasoning", "tier_above", *RATE_COLUMNS)
 COST_PARTS = ("input_cost", "cached_input_cost", "cache_write_cost", "output_cost", "reasoning_cost", "request_cost")
 
 

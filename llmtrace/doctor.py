@@ -25,9 +25,12 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import make_url
 
 from llmtrace.engine import EMBEDDED_SCHEME, driver_client, get_engine, is_embedded, parse_embedded_url, resolve_url
-from llmtrace.errors import LLMTraceError, database_errors
+from llmtrace.errors import ConfigurationError, LLMTraceError, database_errors
 from llmtrace.migrations import alembic_config
 from llmtrace.record import TABLE_NAME
+from llmtrace.retention import RETAINED_TABLES, read_retention
+from llmtrace.rollup import ROLLUP_TABLE_NAME
+from llmtrace.rollup import exists as rollup_exists
 from llmtrace.spool import QUARANTINE_DIRECTORY, QUARANTINE_FILE, SUFFIX
 from llmtrace.spool_format import NotASpoolFile, read_file_header
 from llmtrace.topology import SINGLE, Topology, deployed
@@ -83,6 +86,8 @@ def _database_checks(url: str | None) -> Generator[Check, None, str | None]:
             if revision:
                 topology = (SINGLE if is_embedded(engine) else deployed(client)) or SINGLE
                 yield from _table_checks(client, topology)
+                yield _retention_check(client, topology)
+                yield _rollup_check(connection, client)
     except LLMTraceError as exc:
         if connected:
             yield Check(Status.FAIL, "database", str(exc), "see the error; run `llmtrace doctor` again once fixed")
@@ -238,6 +243,34 @@ def _table_checks(client: Any, topology: Topology) -> Iterator[Check]:
             f"{pending} pending since {since} (deletes still rewriting parts)",
             "wait for them to finish; watch system.mutations",
         )
+
+
+def _retention_check(client: Any, topology: Topology) -> Check:
+    try:
+        retention = read_retention(client, topology.storage_table(TABLE_NAME), RETAINED_TABLES[TABLE_NAME])
+    except ConfigurationError as exc:
+        return Check(
+            Status.WARN, "retention", str(exc), "remove that TTL, then set retention with `llmtrace retention`"
+        )
+    rows = "kept for ever" if retention.rows_days is None else f"dropped after {retention.rows_days} days"
+    payloads = "kept for ever" if retention.payload_days is None else f"emptied after {retention.payload_days} days"
+    return Check(Status.OK, "retention", f"traces {rows}; payloads {payloads}")
+
+
+def _rollup_check(connection: Connection, client: Any) -> Check:
+    """Whether the hourly rollup counts the traces the table holds (its view adds every insert as it happens)."""
+    if not rollup_exists(connection):
+        return Check(Status.WARN, "rollup", "no hourly rollup: every report scans the traces", "run `llmtrace migrate`")
+    traces = int(client.query(f"SELECT count() FROM {TABLE_NAME}").result_rows[0][0])
+    counted = int(client.query(f"SELECT sum(requests) FROM {ROLLUP_TABLE_NAME}").result_rows[0][0] or 0)
+    if counted == traces:
+        return Check(Status.OK, "rollup", f"in step with the traces ({traces:,})")
+    return Check(
+        Status.WARN,
+        "rollup",
+        f"counts {counted:,} traces, the table holds {traces:,} (a delete or an expiry may be under way)",
+        "if it stays so, rebuild it: TraceRepository(engine).rebuild_rollup()",
+    )
 
 
 def spool_check(directory: Path, *, destination: str | None) -> Check:

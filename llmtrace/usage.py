@@ -25,22 +25,11 @@ from llmtrace.cost import (
 )
 from llmtrace.filters import TraceFilter
 from llmtrace.record import TRACES_TABLE
-from llmtrace.rollup import MICROS_PER_HOUR, PRICING_COLUMNS, ROLLUP_TABLE, rollup_clauses
+from llmtrace.rollup import KEY_COLUMNS, MICROS_PER_HOUR, PRICING_COLUMNS, ROLLUP_TABLE, rollup_clauses
 
 TABLE = TRACES_TABLE
-GROUP_KEYS = (
-    "organization_id",
-    "project_id",
-    "agent_id",
-    "model",
-    "provider",
-    "call_type",
-    "is_byok",
-    "is_error",
-    "billing_plan_type",
-    "billing_cost_source",
-    "billing_customer_id",
-)
+# What a report can group by: every key the hourly rollup keeps, so that any grouping can come from it.
+GROUP_KEYS = KEY_COLUMNS
 GRANULARITIES = ("hour", "day", "month")
 USAGE_SOURCES = ("auto", "raw", "rollup")
 PERCENTILES = (0.5, 0.95, 0.99)

@@ -56,13 +56,32 @@ def test_a_healthy_database_passes_with_its_numbers(populated: str) -> None:
     result = llmtrace("doctor", url=populated)
     assert result.returncode == 0, result
     checks = lines_of(result.stdout)
-    assert list(checks) == ["connection", "schema", "drift", "table", "parts", "mutations"]
+    assert list(checks) == ["connection", "schema", "drift", "table", "parts", "mutations", "retention", "rollup"]
     assert all(line.startswith("OK ") for line in checks.values()), checks
     assert checks["schema"] == f"OK at the newest revision ({HEAD})"
     assert checks["table"].startswith("OK llm_traces: 300 rows, ")
     assert "on disk (" in checks["table"] and "compression " in checks["table"]
     assert checks["parts"].startswith("OK 1 active parts in 1 partitions")
     assert checks["mutations"] == "OK none pending"
+    assert checks["retention"] == "OK traces kept for ever; payloads kept for ever"
+    assert checks["rollup"] == "OK in step with the traces (300)"
+
+
+def test_a_rollup_out_of_step_and_a_retention_show(populated: str, tmp_path: Path) -> None:
+    repository_call(
+        populated,
+        tmp_path,
+        "execute",
+        statements=["INSERT INTO llm_usage_hourly SELECT * FROM llm_usage_hourly LIMIT 1"],
+        settings={"insert_deduplicate": 0},
+    )
+    assert llmtrace("retention", "--rows-days", "400", "--payload-days", "30", url=populated).returncode == 0
+    result = llmtrace("doctor", url=populated)
+    checks = lines_of(result.stdout)
+    assert result.returncode == 0, result  # warnings do not fail the check
+    assert checks["retention"] == "OK traces dropped after 400 days; payloads emptied after 30 days"
+    assert checks["rollup"].startswith("WARN counts ") and "the table holds 300" in checks["rollup"]
+    assert "rebuild_rollup()" in checks["rollup"]
 
 
 def test_drift_and_a_failing_mutation_fail(populated: str, tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ def traces() -> list[LLMTrace]:
     counts that contradict a convention."""
     generated = list(
         synthetic_traces(
-            6_000, organizations=30, agents_per_organization=3, skew=1.1, payload_bytes=(10, 200), end=END,
+            3_000, organizations=30, agents_per_organization=3, skew=1.1, payload_bytes=(10, 200), end=END,
             span=timedelta(days=40), seed=11,
         )
     )  # fmt: skip
