@@ -14,7 +14,7 @@ What keeps it equal to the traces:
   contradict a convention). Prices change on whole hours, so pricing an hour's totals prices each trace.
 - **Same sums.** Counts and token sums are exact (``sum`` of a Nullable column stays ``NULL`` when no trace
   reported it). Percentiles come from merged t-digest states: approximate, like ``percentiles="approximate"``
-  on the traces (within about 1%; measured in the tests).
+  on the traces (within 2% of the latency range in the tests).
 - **Deletes.** :meth:`TraceRepository.delete` removes the rollup's rows for the organization and the hours the
   delete touched, and adds them again from the traces that remain (:func:`refresh_statements`).
 
