@@ -41,6 +41,7 @@ million) and are scaled to dollars exactly in Python.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Context, Decimal
 from typing import Any
@@ -142,43 +143,44 @@ class Tokens:
     reasoning_over_completion: ColumnElement[Any]
 
 
-def cost_parts(priced: PricedSource, tokens: Tokens, tier: ColumnElement[Any]) -> dict[str, ColumnElement[Any]]:
-    """Each part of the cost (millionths of a dollar, 0 when unpriced) and ``priceable`` (whether it is priced).
+def cost_parts(
+    priced: PricedSource, tokens: Tokens, tier: ColumnElement[Any]
+) -> tuple[dict[str, ColumnElement[Any]], ColumnElement[bool]]:
+    """Each part of the cost (millionths of a dollar), by name, and whether the trace or group is priced at all.
 
     ``tier`` is the 1-based position of the tier in force in the price's arrays (see :func:`exact_tier` and
-    :func:`band_tier`).
+    :func:`band_tier`). The parts are meaningful only where the second value is true.
     """
     includes_cached = priced.price("prompt_includes_cached")
     includes_reasoning = priced.price("completion_includes_reasoning")
     prompt, completion = func.toInt64(tokens.prompt), func.toInt64(tokens.completion)
     cached, written, reasoning = (func.toInt64(t) for t in (tokens.cached_input, tokens.cache_write, tokens.reasoning))
-    billable = {
-        "input_cost": func.if_(includes_cached, func.greatest(prompt - cached - written, 0), prompt),
-        "cached_input_cost": cached,
-        "cache_write_cost": written,
-        "output_cost": func.if_(includes_reasoning, func.greatest(completion - reasoning, 0), completion),
-        "reasoning_cost": reasoning,
+    # In COST_PARTS order, so that each is priced at the rate of RATE_COLUMNS in the same place.
+    billable = (
+        func.if_(includes_cached, func.greatest(prompt - cached - written, 0), prompt),
+        cached,
+        written,
+        func.if_(includes_reasoning, func.greatest(completion - reasoning, 0), completion),
+        reasoning,
         # A fee per thousand requests is a thousand times larger in millionths of a dollar per request.
-        "request_cost": func.toInt64(tokens.requests) * 1000,
-    }
-    rates = {
-        "input_cost": "input_per_mtok",
-        "cached_input_cost": "cached_input_per_mtok",
-        "cache_write_cost": "cache_write_per_mtok",
-        "output_cost": "output_per_mtok",
-        "reasoning_cost": "reasoning_per_mtok",
-        "request_cost": "per_thousand_requests",
-    }
+        func.toInt64(tokens.requests) * 1000,
+    )
     priceable = and_(
         priced.priced,
         not_(and_(includes_cached, tokens.cache_over_prompt)),
         not_(and_(includes_reasoning, tokens.reasoning_over_completion)),
     )
-    parts: dict[str, ColumnElement[Any]] = {
-        part: count * func.arrayElement(priced.price(rates[part]), tier) for part, count in billable.items()
+    parts = {
+        part: count * func.arrayElement(priced.price(rate), tier)
+        for part, count, rate in zip(COST_PARTS, billable, RATE_COLUMNS, strict=True)
     }
-    parts["priceable"] = priceable
-    return parts
+    return parts, priceable
+
+
+def total_cost(parts: Mapping[str, ColumnElement[Any]]) -> ColumnElement[Any]:
+    """The sum of the parts of :func:`cost_parts`."""
+    first, *rest = parts.values()
+    return sum(rest, start=first)
 
 
 def input_for_tiers(priced: PricedSource, tokens: Tokens) -> ColumnElement[Any]:
@@ -248,10 +250,9 @@ def select_with_cost(*columns: Any) -> Select[Any]:
     t = TRACES_TABLE.c
     priced = join_prices(TRACES_TABLE, t.provider, t.model, t.created_at)
     tokens = trace_tokens()
-    parts = cost_parts(priced, tokens, exact_tier(priced, input_for_tiers(priced, tokens)))
-    priceable = parts.pop("priceable")
+    parts, priceable = cost_parts(priced, tokens, exact_tier(priced, input_for_tiers(priced, tokens)))
     amounts = {name: case((priceable, expression), else_=literal(0)) for name, expression in parts.items()}
-    total = sum(list(amounts.values())[1:], start=amounts["input_cost"])
+    total = total_cost(amounts)
     return (
         select(*columns, total.label("cost"), *(e.label(n) for n, e in amounts.items()), priceable.label("priced"))
         .select_from(priced.from_)

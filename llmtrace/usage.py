@@ -21,6 +21,7 @@ from llmtrace.cost import (
     dollars,
     join_prices,
     tier_band,
+    total_cost,
     trace_tokens,
 )
 from llmtrace.filters import TraceFilter
@@ -259,10 +260,9 @@ def priced_totals(hourly: Subquery, keys: tuple[str, ...], granularity: str | No
         reasoning_over_completion=h.reasoning_over_completion,
     )
     band = func.if_(priced.price("prompt_includes_cached"), h.band_prompt, h.band_with_cache)
-    parts = cost_parts(priced, tokens, band_tier(priced, band))
-    priceable = parts.pop("priceable")
+    parts, priceable = cost_parts(priced, tokens, band_tier(priced, band))
     platform_paid = and_(priceable, not_(h.price_byok))
-    total = sum(list(parts.values())[1:], start=parts["input_cost"])
+    total = total_cost(parts)
     group_columns: list[ColumnElement[Any]] = [h[key] for key in keys]
     if granularity is not None:
         group_columns.insert(0, h.bucket)
