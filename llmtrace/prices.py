@@ -45,6 +45,7 @@ from sqlalchemy import Column, Connection, Engine, Table, func, select
 
 from llmtrace.engine import driver_client
 from llmtrace.errors import database_errors
+from llmtrace.model import as_utc
 from llmtrace.record import Base
 
 PRICES_TABLE_NAME = "llm_model_prices"
@@ -343,7 +344,11 @@ def default_prices_sql(table: str = PRICES_TABLE_NAME, rows_per_statement: int =
 
 
 def _literal(value: Any) -> str:
-    """A ClickHouse literal for the value types of a price row."""
+    """A ClickHouse literal for the value types of a price row.
+
+    Written here because clickhouse-connect's ``format_query_value`` drops a datetime's microseconds and writes
+    small Decimals in exponent form (``1E-18``), which ClickHouse reads as a Float64, not exactly.
+    """
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | Decimal):
@@ -436,18 +441,14 @@ def _price(row: Any) -> ModelPrice:
     return ModelPrice(
         provider=row["provider"],
         model=row["model"],
-        effective_from=_aware(row["effective_from"]),
+        effective_from=as_utc(row["effective_from"]),
         tiers=tiers,
         prompt_includes_cached=bool(row["prompt_includes_cached"]),
         completion_includes_reasoning=bool(row["completion_includes_reasoning"]),
         source=row["source"],
         currency=row["currency"],
-        updated_at=_aware(row["updated_at"]),
+        updated_at=as_utc(row["updated_at"]),
     )
-
-
-def _aware(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def price_unpriced_models(engine: Engine, *, since: datetime | None = None) -> PricingReport:

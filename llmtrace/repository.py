@@ -11,7 +11,7 @@ import builtins
 import operator
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine, func, select
@@ -30,7 +30,7 @@ from llmtrace.ingest import (
     validated_batches,
     write_batch,
 )
-from llmtrace.model import LLMTrace
+from llmtrace.model import LLMTrace, as_utc
 from llmtrace.pagination import Position, TracePage, decode_cursor, encode_cursor
 from llmtrace.record import TABLE_NAME, TRACES_TABLE
 from llmtrace.retention import read_row_retention
@@ -341,8 +341,7 @@ class TraceRepository:
         retention, now = read_row_retention(client, topology.storage_table(TABLE_NAME))
         if retention.rows_days is None:
             return trace_filter
-        expired_before = now.replace(tzinfo=UTC) if now.tzinfo is None else now
-        expired_before -= timedelta(days=retention.rows_days)
+        expired_before = as_utc(now) - timedelta(days=retention.rows_days)
         cutoff = expired_before.replace(minute=0, second=0, microsecond=0)
         if cutoff < expired_before:
             cutoff += timedelta(hours=1)
