@@ -279,8 +279,10 @@ def test_materializing_recalculates_ttl_bounds_without_rewriting_column_files(
     with migrated_engine.connect() as connection:
         connection.execute(text("ALTER TABLE llm_traces MODIFY SETTING min_bytes_for_wide_part = 0"))
     now = datetime.now(UTC)
-    # Less than 7 days old: no TTL merge has anything to do.
-    repository.add_many([make_trace(index, created_at=now - timedelta(hours=index)) for index in range(100)])
+    # Less than 7 days old: no TTL merge has anything to do. All in this month's partition, so in one part.
+    month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    times = [max(now - timedelta(minutes=index), month_start) for index in range(100)]
+    repository.add_many([make_trace(index, created_at=time) for index, time in enumerate(times)])
     data = (".bin", ".mrk2", ".cmrk2", ".mrk3", ".cmrk3")
 
     def data_files() -> dict[str, int]:
