@@ -29,8 +29,7 @@ from llmtrace.errors import ConfigurationError, LLMTraceError, database_errors
 from llmtrace.migrations import alembic_config
 from llmtrace.record import TABLE_NAME
 from llmtrace.retention import RETAINED_TABLES, read_retention
-from llmtrace.rollup import ROLLUP_TABLE_NAME
-from llmtrace.rollup import exists as rollup_exists
+from llmtrace.rollup import ROLLUPS, existing
 from llmtrace.spool import QUARANTINE_DIRECTORY, QUARANTINE_FILE, SUFFIX
 from llmtrace.spool_format import NotASpoolFile, read_file_header
 from llmtrace.topology import SINGLE, Topology, deployed
@@ -258,18 +257,24 @@ def _retention_check(client: Any, topology: Topology) -> Check:
 
 
 def _rollup_check(connection: Connection, client: Any) -> Check:
-    """Whether the hourly rollup counts the traces the table holds (its view adds every insert as it happens)."""
-    if not rollup_exists(connection):
-        return Check(Status.WARN, "rollup", "no hourly rollup: every report scans the traces", "run `llmtrace migrate`")
+    """Whether the rollups count the traces the table holds (their views add every insert as it happens)."""
+    present = [rollup for rollup in ROLLUPS if rollup.name in existing(connection)]
+    if not present:
+        return Check(Status.WARN, "rollup", "no rollup: every report scans the traces", "run `llmtrace migrate`")
     traces = int(client.query(f"SELECT count() FROM {TABLE_NAME}").result_rows[0][0])
-    counted = int(client.query(f"SELECT sum(requests) FROM {ROLLUP_TABLE_NAME}").result_rows[0][0] or 0)
-    if counted == traces:
-        return Check(Status.OK, "rollup", f"in step with the traces ({traces:,})")
+    counts = {
+        rollup.name: int(client.query(f"SELECT sum(requests) FROM {rollup.table}").result_rows[0][0] or 0)
+        for rollup in present
+    }
+    names = " and ".join(counts)
+    if all(counted == traces for counted in counts.values()):
+        return Check(Status.OK, "rollup", f"{names} in step with the traces ({traces:,})")
+    differ = ", ".join(f"{name} {counted:,}" for name, counted in counts.items())
     return Check(
         Status.WARN,
         "rollup",
-        f"counts {counted:,} traces, the table holds {traces:,} (a delete or an expiry may be under way)",
-        "if it stays so, rebuild it: TraceRepository(engine).rebuild_rollup()",
+        f"counts {differ} traces, the table holds {traces:,} (a delete or an expiry may be under way)",
+        "if it stays so, rebuild them: TraceRepository(engine).rebuild_rollup()",
     )
 
 

@@ -16,8 +16,10 @@ Each row is one model's price from ``effective_from`` on, for the traces that na
 The table is a ReplacingMergeTree keyed by (provider, model, source, effective_from): setting a price for the
 same key again replaces it, and :func:`delete_price` marks it deleted. Readers use ``FINAL``.
 
-Two rules keep the hourly rollup exact (a report computed from it prices each hour's totals at once):
-``effective_from`` is a whole UTC hour, and tier thresholds come from :data:`TIER_THRESHOLDS`.
+Two rules keep the rollups exact (a report computed from them prices each hour's or day's totals at once):
+``effective_from`` is a whole UTC hour, and tier thresholds come from :data:`TIER_THRESHOLDS`. A price that takes
+effect inside a day (not at midnight UTC) makes reports over that day price hours, and not read the daily
+rollup (:func:`prices_change_inside_days`).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ PRICE_SCALE = 18
 PRICE_TYPE = f"Decimal(38, {PRICE_SCALE})"
 EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)  # created_at's lowest value
 LATEST = datetime(2299, 12, 31, 23, tzinfo=UTC)
+_MICROS_PER_DAY = 86_400_000_000
 # Input-token thresholds a tiered price may use (a tier applies to the whole request once its input passes the
 # threshold). The hourly rollup counts each hour's traces by how many of these thresholds their input passes,
 # so a tier on any of them is priced exactly there; each threshold splits the rollup's rows, so the list holds
@@ -304,6 +307,30 @@ def list_prices(
     with database_errors("reading prices"), _connection(engine) as connection:
         rows = connection.execute(statement).mappings().all()
     return [_price(row) for row in rows]
+
+
+def prices_change_inside_days(connection: Connection, since: datetime | None, until: datetime | None) -> bool:
+    """Whether a price (of either source, deleted ones left out) takes effect at another time than midnight UTC
+    within the days from ``since``'s to ``until`` (``None``: unbounded).
+
+    Default prices change on dates, so this is usually false: a report can then price each day's totals at
+    once, and read the daily rollup (see llmtrace.usage).
+    """
+    from clickhouse_connect.cc_sqlalchemy.sql import final
+
+    p = PRICES_TABLE.c
+    micros = func.toUnixTimestamp64Micro(p.effective_from)
+    statement = (
+        final(select(func.count()).select_from(PRICES_TABLE))
+        .where(p.is_deleted == 0)
+        .where(func.positiveModulo(micros, _MICROS_PER_DAY) != 0)
+    )
+    if since is not None:
+        day = as_utc(since).replace(hour=0, minute=0, second=0, microsecond=0)
+        statement = statement.where(p.effective_from > day)
+    if until is not None:
+        statement = statement.where(p.effective_from < until)
+    return bool(connection.execute(statement).scalar_one())
 
 
 def load_default_prices(engine: Engine | Connection) -> int:

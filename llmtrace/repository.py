@@ -32,13 +32,22 @@ from llmtrace.ingest import (
 )
 from llmtrace.model import LLMTrace, as_utc
 from llmtrace.pagination import Position, TracePage, decode_cursor, encode_cursor
+from llmtrace.prices import prices_change_inside_days
 from llmtrace.record import TABLE_NAME, TRACES_TABLE
 from llmtrace.retention import read_row_retention
-from llmtrace.rollup import answerable, rebuild_statements, refresh_statements
-from llmtrace.rollup import exists as rollup_exists
+from llmtrace.rollup import (
+    MICROS_PER_DAY,
+    MICROS_PER_HOUR,
+    ROLLUPS,
+    Rollup,
+    answerable,
+    existing,
+    rebuild_statements,
+    refresh_statements,
+)
 from llmtrace.stored_lookup import StoredTraces
 from llmtrace.topology import SINGLE, Topology, configured, deployed, require_embeddable
-from llmtrace.usage import USAGE_SOURCES, UsageRow, hour_start, usage_row, usage_statement, validate_grouping
+from llmtrace.usage import USAGE_SOURCES, UsageRow, period_start, usage_row, usage_statement, validate_grouping
 
 TABLE = TRACES_TABLE
 DEFAULT_BATCH_SIZE = 10_000
@@ -68,7 +77,7 @@ class TraceRepository:
     def __init__(self, engine: Engine, *, topology: Topology | str | None = None) -> None:
         self.engine = engine
         self._schema_checked = False  # whether the table has been seen to be migrated far enough to write
-        self._has_rollup = False  # whether the hourly rollup has been seen to exist
+        self._rollups: frozenset[str] = frozenset()  # the rollups seen to exist (llmtrace.rollup)
         self._topology = configured(topology, source="topology")
         if self._topology is not None and is_embedded(engine):
             require_embeddable(self._topology)
@@ -305,10 +314,12 @@ class TraceRepository:
             granularity: ``"hour"``, ``"day"`` or ``"month"`` to add a UTC time bucket, or ``None``.
             percentiles: ``"exact"`` latency percentiles (memory grows with the number of traces per group) or
                 ``"approximate"`` ones (a t-digest: bounded memory, usually within about 1%), for reports
-                over very many traces; only approximate ones can come from the hourly rollup.
-            source: Where the totals come from: ``"auto"`` (the hourly rollup whenever it can answer exactly what
-                the traces would, else the traces), ``"raw"`` (always the traces) or ``"rollup"`` (the rollup, or
-                ``ValueError`` saying why it cannot answer). Each row's ``source`` says which answered.
+                over very many traces; only approximate ones can come from a rollup.
+            source: Where the totals come from: ``"auto"`` (the daily rollup, else the hourly one, whenever it can
+                answer exactly what the traces would, else the traces), ``"raw"`` (always the traces),
+                ``"rollup"`` (the first rollup that can answer, or ``ValueError`` saying why none can), or
+                ``"daily"`` / ``"hourly"`` (that rollup, or ``ValueError``). Each row's ``source`` says which
+                answered: ``"raw"``, ``"daily"`` or ``"hourly"``.
             **filters: The filters of :meth:`list` (agent_id, model, is_error, ...).
 
         Returns:
@@ -323,17 +334,26 @@ class TraceRepository:
             if kept is None:
                 return []  # the whole range is past the row retention
             trace_filter = kept
-            chosen = self._usage_source(connection, source, trace_filter, percentiles)
-            statement = usage_statement(keys, granularity, percentiles, trace_filter, chosen)
+            prices_inside = prices_change_inside_days(connection, trace_filter.since, trace_filter.until)
+            chosen = self._usage_source(connection, source, trace_filter, percentiles, keys, granularity, prices_inside)
+            statement = usage_statement(
+                keys,
+                granularity,
+                percentiles,
+                trace_filter,
+                chosen,
+                price_period=MICROS_PER_HOUR if prices_inside else MICROS_PER_DAY,
+            )
             rows = connection.execute(statement).mappings().all()
-        return [usage_row(row, keys, granularity, chosen) for row in rows]
+        answered = "raw" if chosen is None else chosen.name
+        return [usage_row(row, keys, granularity, answered) for row in rows]
 
     def _within_retention(self, connection: Connection, trace_filter: TraceFilter) -> TraceFilter | None:
-        """``trace_filter`` starting no earlier than the first whole hour the row retention keeps in full.
+        """``trace_filter`` starting no earlier than the first whole UTC day the row retention keeps in full.
 
-        Expired traces leave ClickHouse with their part, at a time merges decide, and the rollup's hours with
-        theirs: a report that counted whatever is still on disk would change from one run to the next and differ
-        between the two sources. Cutting both at the same whole hour keeps them equal and stable. ``None``: the
+        Expired traces leave ClickHouse with their part, at a time merges decide, and the rollups' hours and days
+        with theirs: a report that counted whatever is still on disk would change from one run to the next and
+        differ between the sources. Cutting all at the same whole day keeps them equal and stable. ``None``: the
         whole range asked for is past the retention.
         """
         client = driver_client(connection)
@@ -342,30 +362,44 @@ class TraceRepository:
         if retention.rows_days is None:
             return trace_filter
         expired_before = as_utc(now) - timedelta(days=retention.rows_days)
-        cutoff = expired_before.replace(minute=0, second=0, microsecond=0)
+        cutoff = expired_before.replace(hour=0, minute=0, second=0, microsecond=0)
         if cutoff < expired_before:
-            cutoff += timedelta(hours=1)
+            cutoff += timedelta(days=1)
         if trace_filter.since is not None and trace_filter.since >= cutoff:
             return trace_filter
         if trace_filter.until is not None and trace_filter.until <= cutoff:
             return None
         return replace(trace_filter, since=cutoff)
 
-    def _usage_source(self, connection: Connection, asked: str, trace_filter: TraceFilter, percentiles: str) -> str:
-        """``"rollup"`` or ``"raw"``: what answers a report, given what was asked (see :meth:`usage`)."""
+    def _usage_source(
+        self,
+        connection: Connection,
+        asked: str,
+        trace_filter: TraceFilter,
+        percentiles: str,
+        keys: tuple[str, ...],
+        granularity: str | None,
+        prices_inside: bool,
+    ) -> Rollup | None:
+        """The rollup that answers a report (``None``: the traces), given what was asked (see :meth:`usage`)."""
         if asked == "raw":
-            return "raw"
-        reason = answerable(trace_filter, percentiles)
-        if reason is None and not self._has_rollup:
-            # Looked up until found: a database migrated while this repository lives gains it.
-            self._has_rollup = rollup_exists(connection)
-            if not self._has_rollup:
-                reason = "the database has no rollup yet (run the migrations: llmtrace migrate)"
-        if reason is None:
-            return "rollup"
-        if asked == "rollup":
-            raise ValueError(f"source='rollup' cannot answer this report: {reason}")
-        return "raw"
+            return None
+        if len(self._rollups) < len(ROLLUPS):
+            # Looked up until found: a database migrated while this repository lives gains them.
+            self._rollups = existing(connection)
+        reasons = []
+        for rollup in ROLLUPS:
+            if asked not in ("auto", "rollup", rollup.name):
+                continue
+            reason = answerable(rollup, trace_filter, percentiles, keys, granularity, prices_inside)
+            if reason is None and rollup.name not in self._rollups:
+                reason = f"the database has no {rollup.name} rollup yet (run the migrations: llmtrace migrate)"
+            if reason is None:
+                return rollup
+            reasons.append(f"the {rollup.name} rollup: {reason}")
+        if asked == "auto":
+            return None
+        raise ValueError(f"source={asked!r} cannot answer this report: {'; '.join(reasons)}")
 
     # -- deletes ------------------------------------------------------------------------------------------
 
@@ -398,21 +432,20 @@ class TraceRepository:
         """
         require_organization(organization_id, method="delete")
         trace_filter = TraceFilter(organization_id=organization_id, agent_id=agent_id, run_id=run_id, until=before)
-        hour = hour_start(TABLE.c.created_at)
-        # How many traces match, and the hours they fall in: the rollup's rows for those hours are redone after.
-        counting = (
-            select(func.count(), func.min(hour), func.max(hour)).select_from(TABLE).where(*trace_filter.clauses())
-        )
+        day = period_start(TABLE.c.created_at, MICROS_PER_DAY)
+        # How many traces match, and the days they fall in: the rollups' rows for those days are redone after.
+        counting = select(func.count(), func.min(day), func.max(day)).select_from(TABLE).where(*trace_filter.clauses())
         with database_errors("deleting traces"), self.engine.connect() as connection:
             topology = self._deployment(driver_client(connection))
-            matching, first_hour, last_hour = connection.execute(counting).one()
+            matching, first_day, last_day = connection.execute(counting).one()
             if matching:
                 # On a cluster: the local table, ON CLUSTER (a Distributed table has nothing to delete).
                 removing = delete_statement(TABLE, trace_filter.clauses(), erase=erase, topology=topology)
                 connection.execute(removing, execution_options={"settings": {"mutations_sync": 2}})
             remaining = int(connection.execute(counting).one()[0])
-            if matching and rollup_exists(connection):
-                for statement in refresh_statements(organization_id, first_hour, last_hour, topology):
+            present = existing(connection) if matching else frozenset()
+            if present:
+                for statement in refresh_statements(organization_id, first_day, last_day, present, topology):
                     connection.execute(statement)
         if remaining:
             raise DatabaseError(f"{remaining} matching trace(s) are still present after the delete; retry it.")
@@ -428,7 +461,7 @@ class TraceRepository:
         """
         with database_errors("rebuilding the usage rollup"), self.engine.connect() as connection:
             topology = self._deployment(driver_client(connection))
-            for statement in rebuild_statements(topology):
+            for statement in rebuild_statements(existing(connection), topology):
                 connection.execute(statement)
 
     # -- deployment ---------------------------------------------------------------------------------------

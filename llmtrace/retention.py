@@ -38,7 +38,7 @@ How ClickHouse applies it, and what that costs (measured on ClickHouse 26.9, the
 - Inserting a trace that is already past the row retention stores it, and ClickHouse drops it at the next merge,
   within milliseconds on this engine: ``add_many`` refuses such traces instead (:mod:`llmtrace.ingest`).
 
-Other tables (say, a rollup by ``hour``) get row retention by adding them to :data:`RETAINED_TABLES` with the
+Other tables (the rollups, by ``hour`` or ``day``) get row retention by adding them to :data:`RETAINED_TABLES` with the
 column their age is measured by.
 """
 
@@ -57,8 +57,7 @@ from llmtrace.ddl import SchemaDDL
 from llmtrace.engine import driver_client, is_embedded
 from llmtrace.errors import ConfigurationError, SchemaNotMigratedError, database_errors
 from llmtrace.record import TABLE_NAME
-from llmtrace.rollup import ROLLUP_TABLE_NAME
-from llmtrace.rollup import exists as rollup_exists
+from llmtrace.rollup import ROLLUPS, existing
 from llmtrace.topology import Topology, resolve
 
 # Longest retention accepted. ClickHouse keeps a part's TTL bounds as 32-bit seconds, which end in February 2106;
@@ -98,7 +97,7 @@ class RetainedTable:
 RETAINED_TABLES: Mapping[str, RetainedTable] = MappingProxyType(
     {
         TABLE_NAME: RetainedTable(time_column="created_at", payload_columns=PAYLOAD_COLUMNS),
-        ROLLUP_TABLE_NAME: RetainedTable(time_column="hour"),
+        **{rollup.table: RetainedTable(time_column=rollup.time_column) for rollup in ROLLUPS},
     }
 )
 
@@ -193,10 +192,10 @@ def set_retention(
         current = read_retention(client, ddl.topology.storage_table(table), retained)
         for statement in retention_statements(current, wanted, table=table, ddl=ddl, materialize=materialize):
             client.command(statement, settings=_ALTER_SETTINGS)
-        if table == TABLE_NAME and rollup_exists(connection):
-            # The rollup keeps the traces' row retention, so that its expired hours go with them (reports cut both
-            # at the same whole hour: see TraceRepository.usage).
-            rollup = ROLLUP_TABLE_NAME
+        present = existing(connection) if table == TABLE_NAME else frozenset()
+        for rollup in (rollup.table for rollup in ROLLUPS if rollup.name in present):
+            # The rollups keep the traces' row retention, so that their expired hours and days go with them
+            # (reports cut all at the same whole day: see TraceRepository.usage).
             kept = Retention(rows_days=rows_days)
             now = read_retention(client, ddl.topology.storage_table(rollup), RETAINED_TABLES[rollup])
             for statement in retention_statements(now, kept, table=rollup, ddl=ddl, materialize=materialize):

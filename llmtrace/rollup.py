@@ -1,29 +1,33 @@
-"""The hourly rollup: ``llm_usage_hourly``, kept by a materialized view, and when a report may read it.
+"""The usage rollups: ``llm_usage_hourly`` and ``llm_usage_daily``, kept by materialized views, and when a report
+may read them.
 
-Every insert into ``llm_traces`` also reaches the materialized view ``llm_usage_hourly_mv``, which adds the
-block's totals per hour and group to ``llm_usage_hourly`` (an AggregatingMergeTree). A report over a month then
-reads a few rows per hour and group instead of every trace.
+Every insert into ``llm_traces`` reaches the materialized view ``llm_usage_hourly_mv``, which adds the block's
+totals per hour and group to ``llm_usage_hourly``; each insert into that table reaches ``llm_usage_daily_mv``,
+which adds them per day, without agent and project, to ``llm_usage_daily`` (both AggregatingMergeTrees). A report
+over a month then reads a few rows per day or hour and group instead of every trace.
 
-What keeps it equal to the traces:
+What keeps them equal to the traces:
 
-- **Same rows.** The view sees exactly the blocks the table stores. An insert ClickHouse drops as a duplicate
-  (a retry under the same deduplication token) is dropped for the view too: the rollup table keeps the same
+- **Same rows.** The views see exactly the blocks the table stores. An insert ClickHouse drops as a duplicate
+  (a retry under the same deduplication token) is dropped for the views too: the rollups keep the traces'
   deduplication window, and ClickHouse deduplicates a view's blocks by the source block's token.
-- **Same groups.** The rollup keeps every group key of :meth:`TraceRepository.usage`, the hour, and what pricing
-  needs of each trace (how many tier thresholds its input passes, under each convention; whether its counts
-  contradict a convention). Prices change on whole hours, so pricing an hour's totals prices each trace.
+- **Same groups.** Each rollup keeps its group keys, its time (hour or day), and what pricing needs of each
+  trace (how many tier thresholds its input passes, under each convention; whether its counts contradict a
+  convention). Pricing a period's totals at once prices each trace, as long as no price changes inside the
+  period (see :func:`llmtrace.prices.price_changes_inside_days`).
 - **Same sums.** Counts and token sums are exact (``sum`` of a Nullable column stays ``NULL`` when no trace
   reported it). Percentiles come from merged t-digest states: approximate, like ``percentiles="approximate"``
   on the traces (within 2% of the latency range in the tests).
-- **Deletes.** :meth:`TraceRepository.delete` removes the rollup's rows for the organization and the hours the
+- **Deletes.** :meth:`TraceRepository.delete` removes both rollups' rows for the organization and the days the
   delete touched, and adds them again from the traces that remain (:func:`refresh_statements`).
 
-A report reads the rollup when it can answer exactly what the traces would: approximate percentiles, filters on
-rollup columns only (not ``run_id``, ``step_id``, ``trace_id``), ``since``/``until`` on whole hours.
+A report reads a rollup when it can answer exactly what the traces would (:func:`answerable`); the daily one
+when it can, else the hourly one.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import Column, Connection, MetaData, Table, bindparam, text
@@ -35,12 +39,9 @@ from llmtrace.prices import TIER_THRESHOLDS
 from llmtrace.record import TABLE_NAME
 from llmtrace.topology import SINGLE, Topology
 
-ROLLUP_TABLE_NAME = "llm_usage_hourly"
-ROLLUP_VIEW_NAME = "llm_usage_hourly_mv"
-# Objects the migrations create by hand, outside the declarative model (Alembic's autogenerate leaves them out).
-HAND_WRITTEN = frozenset({ROLLUP_TABLE_NAME, ROLLUP_VIEW_NAME})
 MICROS_PER_HOUR = 3_600_000_000
-# The group keys of usage(), all kept by the rollup.
+MICROS_PER_DAY = 86_400_000_000
+# The group keys of usage(), all kept by the hourly rollup.
 KEY_COLUMNS = (
     "organization_id",
     "project_id",
@@ -54,13 +55,26 @@ KEY_COLUMNS = (
     "billing_cost_source",
     "billing_customer_id",
 )
+# Left out of the daily rollup: on a platform of many small tenants they split a day's totals almost as finely as
+# the traces themselves.
+PER_AGENT = ("project_id", "agent_id")
 PRICING_COLUMNS = ("band_prompt", "band_with_cache", "cache_over_prompt", "reasoning_over_completion")
-DIMENSIONS = (*KEY_COLUMNS, "hour", *PRICING_COLUMNS)
-# Filters a rollup row can answer (the others name single traces).
-ROLLUP_FILTERS = frozenset(KEY_COLUMNS) - {"organization_id"}
 _LADDER = "[" + ", ".join(map(str, TIER_THRESHOLDS)) + "]"
 _INPUT_WITH_CACHE = (
     "toInt64(t.prompt_tokens) + toInt64(ifNull(t.cached_input_tokens, 0)) + toInt64(ifNull(t.cache_write_tokens, 0))"
+)
+_MEASURES = (
+    "requests",
+    "errors",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "request_bytes",
+    "response_bytes",
+    "latency_sum",
 )
 
 
@@ -71,134 +85,238 @@ def _band(size: str) -> str:
     )
 
 
-# What the view computes from a block of traces. The migration that creates the view holds the same text, written
-# out (a migration is a fixed point); a test checks that the view in the database computes exactly this.
-ROLLUP_SELECT = (
-    f"SELECT {', '.join(KEY_COLUMNS)}, "
-    "fromUnixTimestamp64Micro(toUnixTimestamp64Micro(t.created_at) - "
-    f"positiveModulo(toUnixTimestamp64Micro(t.created_at), {MICROS_PER_HOUR}), 'UTC') AS hour, "
-    f"{_band('toInt64(t.prompt_tokens)')} AS band_prompt, "
-    f"{_band(_INPUT_WITH_CACHE)} AS band_with_cache, "
-    "(ifNull(t.cached_input_tokens, 0) + ifNull(t.cache_write_tokens, 0)) > t.prompt_tokens AS cache_over_prompt, "
-    "ifNull(t.reasoning_tokens, 0) > t.completion_tokens AS reasoning_over_completion, "
-    "count() AS requests, countIf(is_error) AS errors, "
-    "sum(t.prompt_tokens) AS prompt_tokens, sum(t.completion_tokens) AS completion_tokens, "
-    "sum(t.total_tokens) AS total_tokens, sum(t.cached_input_tokens) AS cached_input_tokens, "
-    "sum(t.cache_write_tokens) AS cache_write_tokens, sum(t.reasoning_tokens) AS reasoning_tokens, "
-    "sum(toUInt128(t.request_size_bytes)) AS request_bytes, sum(toUInt128(t.response_size_bytes)) AS response_bytes, "
-    "sum(toUInt64(t.latency_ms)) AS latency_sum, "
-    "quantilesTDigestState(0.5, 0.95, 0.99)(t.latency_ms) AS latency_state "
-    "FROM {source} AS t{where} "
-    f"GROUP BY {', '.join(DIMENSIONS)}"
+def _period_start(time: str, micros: int) -> str:
+    # Integer arithmetic on microseconds: right before 1970 too, and independent of session settings.
+    micros_of = f"toUnixTimestamp64Micro({time})"
+    return f"fromUnixTimestamp64Micro({micros_of} - positiveModulo({micros_of}, {micros}), 'UTC')"
+
+
+@dataclass(frozen=True)
+class Rollup:
+    """One rollup table, its view, what it keeps, and the SELECT its view computes from an inserted block.
+
+    ``select`` names its source as ``{source}`` and takes an optional ``{where}``; the migration that creates the
+    view holds the same text, written out, and a test checks that the view in the database computes exactly it.
+    """
+
+    name: str  # what UsageRow.source says when it answered
+    table: str
+    view: str
+    reads: str  # the table whose inserts its view sees
+    time_column: str
+    micros: int  # its period, in microseconds
+    keys: tuple[str, ...]
+    select: str
+
+    @property
+    def period(self) -> timedelta:
+        return timedelta(microseconds=self.micros)
+
+    def columns(self) -> Table:
+        """Its columns, typed for reading (the table is created by a migration, not from this metadata)."""
+        from clickhouse_connect.cc_sqlalchemy.datatypes.sqltypes import (
+            Bool,
+            DateTime64,
+            Nullable,
+            UInt8,
+            UInt64,
+            UInt128,
+        )
+
+        from llmtrace.record import TRACES_TABLE
+
+        optional = {"cached_input_tokens", "cache_write_tokens", "reasoning_tokens"}
+        wide = {"request_bytes", "response_bytes"}
+        return Table(
+            self.table,
+            MetaData(),
+            *(Column(name, TRACES_TABLE.c[name].type) for name in self.keys),
+            Column(self.time_column, DateTime64(6, "UTC")),
+            Column("band_prompt", UInt8),
+            Column("band_with_cache", UInt8),
+            Column("cache_over_prompt", Bool),
+            Column("reasoning_over_completion", Bool),
+            *(
+                Column(name, UInt128 if name in wide else Nullable(UInt64) if name in optional else UInt64)
+                for name in _MEASURES
+            ),
+        )
+
+
+HOURLY = Rollup(
+    name="hourly",
+    table="llm_usage_hourly",
+    view="llm_usage_hourly_mv",
+    reads=TABLE_NAME,
+    time_column="hour",
+    micros=MICROS_PER_HOUR,
+    keys=KEY_COLUMNS,
+    select=(
+        f"SELECT {', '.join(KEY_COLUMNS)}, "
+        f"{_period_start('t.created_at', MICROS_PER_HOUR)} AS hour, "
+        f"{_band('toInt64(t.prompt_tokens)')} AS band_prompt, "
+        f"{_band(_INPUT_WITH_CACHE)} AS band_with_cache, "
+        "(ifNull(t.cached_input_tokens, 0) + ifNull(t.cache_write_tokens, 0)) > t.prompt_tokens AS cache_over_prompt, "
+        "ifNull(t.reasoning_tokens, 0) > t.completion_tokens AS reasoning_over_completion, "
+        "count() AS requests, countIf(is_error) AS errors, "
+        "sum(t.prompt_tokens) AS prompt_tokens, sum(t.completion_tokens) AS completion_tokens, "
+        "sum(t.total_tokens) AS total_tokens, sum(t.cached_input_tokens) AS cached_input_tokens, "
+        "sum(t.cache_write_tokens) AS cache_write_tokens, sum(t.reasoning_tokens) AS reasoning_tokens, "
+        "sum(toUInt128(t.request_size_bytes)) AS request_bytes, "
+        "sum(toUInt128(t.response_size_bytes)) AS response_bytes, "
+        "sum(toUInt64(t.latency_ms)) AS latency_sum, "
+        "quantilesTDigestState(0.5, 0.95, 0.99)(t.latency_ms) AS latency_state "
+        "FROM {source} AS t{where} "
+        f"GROUP BY {', '.join((*KEY_COLUMNS, 'hour', *PRICING_COLUMNS))}"
+    ),
 )
+_DAILY_KEYS = tuple(key for key in KEY_COLUMNS if key not in PER_AGENT)
+DAILY = Rollup(
+    name="daily",
+    table="llm_usage_daily",
+    view="llm_usage_daily_mv",
+    reads=HOURLY.table,
+    time_column="day",
+    micros=MICROS_PER_DAY,
+    keys=_DAILY_KEYS,
+    select=(
+        f"SELECT {', '.join(_DAILY_KEYS)}, "
+        f"{_period_start('h.hour', MICROS_PER_DAY)} AS day, "
+        f"{', '.join(PRICING_COLUMNS)}, "
+        + ", ".join(f"sum(h.{name}) AS {name}" for name in _MEASURES)
+        + ", quantilesTDigestMergeState(0.5, 0.95, 0.99)(h.latency_state) AS latency_state "
+        "FROM {source} AS h{where} "
+        f"GROUP BY {', '.join((*_DAILY_KEYS, 'day', *PRICING_COLUMNS))}"
+    ),
+)
+# Coarsest first: a report reads the first that can answer it.
+ROLLUPS = (DAILY, HOURLY)
+ROLLUP_TABLES = {rollup.name: rollup.columns() for rollup in ROLLUPS}
+# Objects the migrations create by hand, outside the declarative model (Alembic's autogenerate leaves them out).
+HAND_WRITTEN = frozenset(name for rollup in ROLLUPS for name in (rollup.table, rollup.view))
+# Kept for readers of the hourly rollup by name.
+ROLLUP_TABLE_NAME = HOURLY.table
+ROLLUP_VIEW_NAME = HOURLY.view
+ROLLUP_SELECT = HOURLY.select
 
 
-def _rollup_table() -> Table:
-    """The rollup's columns, typed for reading (the table is created by a migration, not from this metadata)."""
-    from clickhouse_connect.cc_sqlalchemy.datatypes.sqltypes import Bool, DateTime64, Nullable, UInt8, UInt64, UInt128
+def answerable(
+    rollup: Rollup,
+    trace_filter: TraceFilter,
+    percentiles: str,
+    keys: tuple[str, ...],
+    granularity: str | None,
+    prices_change_inside_days: bool,
+) -> str | None:
+    """Why ``rollup`` cannot answer this report, or ``None`` if it answers exactly what the traces would.
 
-    from llmtrace.record import TRACES_TABLE
-
-    sums = [
-        Column(name, UInt64) for name in ("requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens")
-    ]
-    optional = [
-        Column(name, Nullable(UInt64)) for name in ("cached_input_tokens", "cache_write_tokens", "reasoning_tokens")
-    ]
-    return Table(
-        ROLLUP_TABLE_NAME,
-        MetaData(),
-        *(Column(name, TRACES_TABLE.c[name].type) for name in KEY_COLUMNS),
-        Column("hour", DateTime64(6, "UTC")),
-        Column("band_prompt", UInt8),
-        Column("band_with_cache", UInt8),
-        Column("cache_over_prompt", Bool),
-        Column("reasoning_over_completion", Bool),
-        *sums,
-        *optional,
-        Column("request_bytes", UInt128),
-        Column("response_bytes", UInt128),
-        Column("latency_sum", UInt64),
-    )
-
-
-ROLLUP_TABLE = _rollup_table()
-
-
-def answerable(trace_filter: TraceFilter, percentiles: str) -> str | None:
-    """Why the rollup cannot answer a report with this filter and percentile method, or ``None`` if it can."""
+    ``prices_change_inside_days``: whether a price takes effect at another time than midnight UTC in the
+    report's range (a day's totals could then need two prices).
+    """
     if percentiles != "approximate":
         return "exact percentiles need every latency (pass percentiles='approximate')"
     for name in ("run_id", "step_id", "trace_id"):
         if getattr(trace_filter, name) is not None:
             return f"the {name} filter names single traces"
+    for name in (*PER_AGENT,):
+        if name not in rollup.keys and (name in keys or getattr(trace_filter, name) is not None):
+            return f"the {rollup.name} rollup does not keep {name}"
+    if rollup.micros > MICROS_PER_HOUR:
+        if granularity == "hour":
+            return f"the {rollup.name} rollup has no hours"
+        if prices_change_inside_days:
+            return "a price in the range takes effect at another time than midnight UTC"
     for name in ("since", "until"):
         value: datetime | None = getattr(trace_filter, name)
-        if value is not None and (value.minute, value.second, value.microsecond) != (0, 0, 0):
-            return f"{name} is not a whole UTC hour"
+        if value is not None and _micros_into_period(value, rollup.micros) != 0:
+            return f"{name} is not a whole UTC {rollup.time_column}"
     return None
 
 
-def rollup_clauses(trace_filter: TraceFilter) -> list[ColumnElement[bool]]:
-    """The filter's conditions on the rollup's columns (call only when :func:`answerable`)."""
-    r = ROLLUP_TABLE.c
+def _micros_into_period(value: datetime, micros: int) -> int:
+    epoch = datetime(1970, 1, 1, tzinfo=value.tzinfo)
+    return ((value - epoch) // timedelta(microseconds=1)) % micros
+
+
+def rollup_clauses(rollup: Rollup, trace_filter: TraceFilter) -> list[ColumnElement[bool]]:
+    """The filter's conditions on ``rollup``'s columns (call only when :func:`answerable`)."""
+    r = ROLLUP_TABLES[rollup.name].c
     conditions: list[ColumnElement[bool]] = []
     if isinstance(trace_filter.organization_id, str):
         conditions.append(r.organization_id == trace_filter.organization_id)
-    for name in ROLLUP_FILTERS:
+    for name in rollup.keys:
         value = getattr(trace_filter, name)
-        if value is not None:
+        if name != "organization_id" and value is not None:
             conditions.append(r[name] == value)
-    # Whole hours: a trace is at or after ``since`` exactly when its hour is.
+    # Whole periods: a trace is at or after ``since`` exactly when its period is.
+    time = r[rollup.time_column]
     if trace_filter.since is not None:
-        conditions.append(r.hour >= trace_filter.since)
+        conditions.append(time >= trace_filter.since)
     if trace_filter.until is not None:
-        conditions.append(r.hour < trace_filter.until)
+        conditions.append(time < trace_filter.until)
     return conditions
 
 
+def existing(connection: Connection) -> frozenset[str]:
+    """The names of the rollups the database has (hourly from migration 0005, daily from 0006)."""
+    statement = text("SELECT name FROM system.tables WHERE database = currentDatabase() AND name IN :names").bindparams(
+        bindparam("names", expanding=True)
+    )
+    found = set(connection.execute(statement, {"names": [rollup.table for rollup in ROLLUPS]}).scalars())
+    return frozenset(rollup.name for rollup in ROLLUPS if rollup.table in found)
+
+
 def exists(connection: Connection) -> bool:
-    """Whether the database has the rollup (migration 0005 or later)."""
-    statement = text("SELECT count() FROM system.tables WHERE database = currentDatabase() AND name = :name")
-    return bool(connection.execute(statement, {"name": ROLLUP_TABLE_NAME}).scalar_one())
+    """Whether the database has the hourly rollup (migration 0005 or later)."""
+    return HOURLY.name in existing(connection)
 
 
 def refresh_statements(
-    organization_id: str, first_hour: datetime, last_hour: datetime, topology: Topology = SINGLE
+    organization_id: str, first_day: datetime, last_day: datetime, present: frozenset[str], topology: Topology = SINGLE
 ) -> list[TextClause]:
-    """Replace one organization's rollup rows for the hours ``first_hour`` to ``last_hour`` (inclusive) with totals
-    computed again from the traces: what a delete runs after removing traces.
+    """Replace one organization's rollup rows for the whole UTC days ``first_day`` to ``last_day`` (inclusive) with
+    totals computed again from the traces: what a delete runs after removing traces.
 
-    The rows go first (a synchronous mutation), then the totals of the traces that remain are inserted with
-    deduplication off, so that totals equal to an earlier refresh's are not dropped as a repeat. On a cluster the
-    rows are removed from every shard's local table (``ON CLUSTER``) and the totals go through the Distributed
-    tables.
+    The rows of every rollup in ``present`` go first (synchronous mutations), then the totals of the traces that
+    remain are inserted into the hourly rollup with deduplication off, so that totals equal to an earlier
+    refresh's are not dropped as a repeat; its view passes them on to the daily rollup. Whole days, so that the
+    daily rollup's rows are redone whole. On a cluster the rows are removed from every shard's local table (``ON
+    CLUSTER``) and the totals go through the Distributed tables.
     """
     from llmtrace.record import TRACES_TABLE
 
     created_at = TRACES_TABLE.c.created_at.type
     typed = [
-        bindparam("first_hour", first_hour, type_=created_at),
-        bindparam("end", last_hour + timedelta(hours=1), type_=created_at),
+        bindparam("first_day", first_day, type_=created_at),
+        bindparam("end", last_day + timedelta(days=1), type_=created_at),
     ]
-    local = topology.storage_table(ROLLUP_TABLE_NAME)
-    remove = text(
-        f"ALTER TABLE {local}{topology.on_cluster()} DELETE WHERE organization_id = :organization_id "
-        "AND hour >= :first_hour AND hour < :end SETTINGS mutations_sync = 2"
+    statements = [
+        text(
+            f"ALTER TABLE {topology.storage_table(rollup.table)}{topology.on_cluster()} DELETE "
+            f"WHERE organization_id = :organization_id AND {rollup.time_column} >= :first_day "
+            f"AND {rollup.time_column} < :end SETTINGS mutations_sync = 2"
+        )
+        for rollup in ROLLUPS
+        if rollup.name in present
+    ]
+    where = " WHERE organization_id = :organization_id AND t.created_at >= :first_day AND t.created_at < :end"
+    statements.append(
+        text(
+            f"INSERT INTO {HOURLY.table} {HOURLY.select.format(source=TABLE_NAME, where=where)} "
+            "SETTINGS insert_deduplicate = 0"
+        )
     )
-    where = " WHERE organization_id = :organization_id AND t.created_at >= :first_hour AND t.created_at < :end"
-    add = text(
-        f"INSERT INTO {ROLLUP_TABLE_NAME} {ROLLUP_SELECT.format(source=TABLE_NAME, where=where)} "
-        "SETTINGS insert_deduplicate = 0"
-    )
-    return [statement.bindparams(*typed, organization_id=organization_id) for statement in (remove, add)]
+    return [statement.bindparams(*typed, organization_id=organization_id) for statement in statements]
 
 
-def rebuild_statements(topology: Topology = SINGLE) -> list[TextClause]:
-    """Empty the rollup and fill it again from every stored trace (see :meth:`TraceRepository.rebuild_rollup`)."""
-    local = topology.storage_table(ROLLUP_TABLE_NAME)
-    fill = ROLLUP_SELECT.format(source=TABLE_NAME, where="")
-    return [
-        text(f"TRUNCATE TABLE {local}{topology.on_cluster()}"),
-        text(f"INSERT INTO {ROLLUP_TABLE_NAME} {fill} SETTINGS insert_deduplicate = 0"),
+def rebuild_statements(present: frozenset[str], topology: Topology = SINGLE) -> list[TextClause]:
+    """Empty the rollups and fill them again from every stored trace (see :meth:`TraceRepository.rebuild_rollup`):
+    the hourly one from the traces, the daily one through its view."""
+    statements = [
+        text(f"TRUNCATE TABLE {topology.storage_table(rollup.table)}{topology.on_cluster()}")
+        for rollup in ROLLUPS
+        if rollup.name in present
     ]
+    fill = HOURLY.select.format(source=TABLE_NAME, where="")
+    statements.append(text(f"INSERT INTO {HOURLY.table} {fill} SETTINGS insert_deduplicate = 0"))
+    return statements

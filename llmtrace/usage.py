@@ -26,13 +26,20 @@ from llmtrace.cost import (
 )
 from llmtrace.filters import TraceFilter
 from llmtrace.record import TRACES_TABLE
-from llmtrace.rollup import KEY_COLUMNS, MICROS_PER_HOUR, PRICING_COLUMNS, ROLLUP_TABLE, rollup_clauses
+from llmtrace.rollup import (
+    KEY_COLUMNS,
+    MICROS_PER_HOUR,
+    PRICING_COLUMNS,
+    ROLLUP_TABLES,
+    Rollup,
+    rollup_clauses,
+)
 
 TABLE = TRACES_TABLE
 # What a report can group by: every key the hourly rollup keeps, so that any grouping can come from it.
 GROUP_KEYS = KEY_COLUMNS
 GRANULARITIES = ("hour", "day", "month")
-USAGE_SOURCES = ("auto", "raw", "rollup")
+USAGE_SOURCES = ("auto", "raw", "rollup", "hourly", "daily")
 PERCENTILES = (0.5, 0.95, 0.99)
 # How latency percentiles are computed. "exact" keeps every latency of a group in memory while the query runs;
 # "approximate" (a t-digest) uses a few kilobytes per group, whatever its size, and is usually within about
@@ -163,53 +170,69 @@ def bucket_expression(granularity: str, time: ColumnElement[Any] | None = None) 
 
 
 def usage_statement(
-    keys: tuple[str, ...], granularity: str | None, percentiles: str, trace_filter: TraceFilter, source: str = "raw"
+    keys: tuple[str, ...],
+    granularity: str | None,
+    percentiles: str,
+    trace_filter: TraceFilter,
+    source: Rollup | None = None,
+    price_period: int = MICROS_PER_HOUR,
 ) -> Select[Any]:
-    """The report's query: traces summed per hour of each group, those hours priced, then summed per group.
+    """The report's query: traces summed per pricing period of each group, those totals priced, then summed per group.
 
-    Costs depend on the price in force at each trace's time, and prices change only on whole hours (see
-    llmtrace.prices): pricing each hour's totals is exact. The hourly totals come from the traces (``"raw"``)
-    or from the rollup (``"rollup"``, which stores exactly them); the outer query is the same.
+    Costs depend on the price in force at each trace's time. ``price_period`` (in microseconds) is an hour, or a
+    day when no price in the report's range takes effect inside a day: either way one price holds for the whole
+    period, so pricing each period's totals is exact, and coarser periods leave fewer totals to price. The totals
+    come from the traces (``source=None``) or from a rollup, which stores exactly them; the outer query is the same.
     """
-    if source == "rollup":
-        hourly = rollup_hourly_totals(keys, granularity, trace_filter).subquery("hourly")
+    if source is None:
+        totals = period_totals(keys, granularity, percentiles, trace_filter, price_period)
     else:
-        hourly = hourly_totals(keys, granularity, percentiles, trace_filter).subquery("hourly")
-    return priced_totals(hourly, keys, granularity, percentiles)
+        totals = rollup_period_totals(source, keys, granularity, trace_filter, price_period)
+    return priced_totals(totals.subquery("hourly"), keys, granularity, percentiles)
+
+
+def period_start(time: ColumnElement[Any], micros: int = MICROS_PER_HOUR) -> ColumnElement[Any]:
+    """The start of the UTC hour (or other period of ``micros``) ``time`` falls in, as DateTime64(6): integer
+    arithmetic on microseconds, right before 1970 too and independent of session settings (the rollups' views
+    compute their periods the same way)."""
+    micros_of = func.toUnixTimestamp64Micro(time)
+    return func.fromUnixTimestamp64Micro(micros_of - func.positiveModulo(micros_of, micros), "UTC")
 
 
 def hour_start(time: ColumnElement[Any]) -> ColumnElement[Any]:
-    """The start of the UTC hour ``time`` falls in, as DateTime64(6): integer arithmetic on microseconds, right
-    before 1970 too and independent of session settings (the rollup's view computes its hour the same way)."""
-    micros = func.toUnixTimestamp64Micro(time)
-    return func.fromUnixTimestamp64Micro(micros - func.positiveModulo(micros, MICROS_PER_HOUR), "UTC")
+    """The start of the UTC hour ``time`` falls in (see :func:`period_start`)."""
+    return period_start(time, MICROS_PER_HOUR)
 
 
-def rollup_hourly_totals(keys: tuple[str, ...], granularity: str | None, trace_filter: TraceFilter) -> Select[Any]:
-    """:func:`hourly_totals` read from the rollup: its rows merged per hour and group (see llmtrace.rollup)."""
-    r = ROLLUP_TABLE.c
+def rollup_period_totals(
+    rollup: Rollup, keys: tuple[str, ...], granularity: str | None, trace_filter: TraceFilter, price_period: int
+) -> Select[Any]:
+    """:func:`period_totals` read from a rollup: its rows merged per pricing period and group (see llmtrace.rollup)."""
+    r = ROLLUP_TABLES[rollup.name].c
+    time = r[rollup.time_column]
     dimensions: list[ColumnElement[Any]] = [r[key] for key in keys]
     if granularity is not None:
-        dimensions.append(bucket_expression(granularity, r.hour).label("bucket"))
+        dimensions.append(bucket_expression(granularity, time).label("bucket"))
     dimensions += [
         r.provider.label("price_provider"),
         r.model.label("price_model"),
         r.is_byok.label("price_byok"),
-        r.hour.label("price_hour"),
+        (time if price_period <= rollup.micros else period_start(time, price_period)).label("price_hour"),
         *(r[name] for name in PRICING_COLUMNS),
     ]
     measures = [
         *(func.sum(r[name]).label(name) for name in ("requests", "errors", *_SUMMED, "latency_sum")),
         literal_column(f"quantilesTDigestMergeState({_LEVELS})(latency_state)").label("latency_state"),
     ]
-    statement = select(*dimensions, *measures).select_from(ROLLUP_TABLE).where(*rollup_clauses(trace_filter))
+    statement = select(*dimensions, *measures).select_from(ROLLUP_TABLES[rollup.name])
+    statement = statement.where(*rollup_clauses(rollup, trace_filter))
     return statement.group_by(*(literal_column(f"`{d.name}`") for d in dimensions))
 
 
-def hourly_totals(
-    keys: tuple[str, ...], granularity: str | None, percentiles: str, trace_filter: TraceFilter
+def period_totals(
+    keys: tuple[str, ...], granularity: str | None, percentiles: str, trace_filter: TraceFilter, price_period: int
 ) -> Select[Any]:
-    """Per hour and group, the traces' totals, split further by what pricing needs to know of each trace."""
+    """Per pricing period and group, the traces' totals, split further by what pricing needs to know of each trace."""
     c = TABLE.c
     tokens = trace_tokens()
     dimensions: list[ColumnElement[Any]] = [c[key] for key in keys]
@@ -219,7 +242,7 @@ def hourly_totals(
         c.provider.label("price_provider"),
         c.model.label("price_model"),
         c.is_byok.label("price_byok"),
-        hour_start(c.created_at).label("price_hour"),
+        period_start(c.created_at, price_period).label("price_hour"),
         tier_band(tokens.prompt).label("band_prompt"),
         tier_band(tokens.prompt + tokens.cached_input + tokens.cache_write).label("band_with_cache"),
         tokens.cache_over_prompt.label("cache_over_prompt"),

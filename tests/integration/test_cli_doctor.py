@@ -64,7 +64,7 @@ def test_a_healthy_database_passes_with_its_numbers(populated: str) -> None:
     assert checks["parts"].startswith("OK 1 active parts in 1 partitions")
     assert checks["mutations"] == "OK none pending"
     assert checks["retention"] == "OK traces kept for ever; payloads kept for ever"
-    assert checks["rollup"] == "OK in step with the traces (300)"
+    assert checks["rollup"] == "OK daily and hourly in step with the traces (300)"
 
 
 def test_a_rollup_out_of_step_and_a_retention_show(populated: str, tmp_path: Path) -> None:

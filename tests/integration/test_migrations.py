@@ -56,7 +56,7 @@ EXPECTED_TYPES = {
 PAYLOAD_COLUMNS = {"request_json", "response_json", "llm_config_json"}
 
 
-HEAD = "0005"
+HEAD = "0006"
 
 
 def table_names(engine: Engine) -> set[str]:

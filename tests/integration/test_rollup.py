@@ -1,20 +1,26 @@
-"""The hourly rollup answers what a scan of the traces answers: every grouping and granularity, rows from other
-writers, deduplicated retries, deletes, a migration over stored traces, and when it must not answer."""
+"""The rollups (hourly and daily) answer what a scan of the traces answers: every grouping and granularity, rows
+from other writers, deduplicated retries, deletes, the migrations over stored traces, prices that change inside a
+day, and when they must not answer."""
 
 from __future__ import annotations
 
 import itertools
+from collections import defaultdict
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, text
 
 from llmtrace import ALL_ORGANIZATIONS, LLMTrace, TraceRepository, UsageRow
+from llmtrace.cost import dollars, select_with_cost
 from llmtrace.engine import driver_client
 from llmtrace.migrations import upgrade
+from llmtrace.prices import ModelPrice, set_price
+from llmtrace.record import TRACES_TABLE
 from llmtrace.retention import set_retention
-from llmtrace.rollup import ROLLUP_SELECT, ROLLUP_TABLE_NAME, ROLLUP_VIEW_NAME
+from llmtrace.rollup import DAILY, HOURLY, PER_AGENT, ROLLUPS
 from llmtrace.synthetic import synthetic_traces
 from llmtrace.usage import GRANULARITIES, GROUP_KEYS
 from tests.factories import make_trace
@@ -62,12 +68,32 @@ def comparable(rows: list[UsageRow]) -> list[dict[str, Any]]:
     ]
 
 
-def assert_rollup_answers_like_the_traces(repository: TraceRepository, **report: Any) -> None:
+def daily_can_answer(report: dict[str, Any]) -> bool:
+    """Whether the daily rollup should answer ``report`` (default prices change only at midnight)."""
+    per_agent = set(report.get("group_by", ("model",))) | {name for name in PER_AGENT if report.get(name)}
+    whole_days = all(
+        report.get(name) is None or report[name] == report[name].replace(hour=0, minute=0, second=0, microsecond=0)
+        for name in ("since", "until")
+    )
+    return report.get("granularity") != "hour" and not per_agent & set(PER_AGENT) and whole_days
+
+
+def assert_rollup_answers_like_the_traces(
+    repository: TraceRepository, *, daily: bool | None = None, **report: Any
+) -> None:
+    """Each rollup that should answer ``report`` answers exactly what the traces do; the others refuse it.
+    ``daily``: whether the daily rollup should answer, when the report alone does not say."""
     raw = repository.usage(percentiles="approximate", source="raw", **report)
-    rolled = repository.usage(percentiles="approximate", source="rollup", **report)
     assert raw, report
-    assert {row.source for row in raw} == {"raw"} and {row.source for row in rolled} == {"rollup"}
-    assert comparable(rolled) == comparable(raw), report
+    assert {row.source for row in raw} == {"raw"}
+    for rollup in ROLLUPS:
+        if rollup is DAILY and not (daily_can_answer(report) if daily is None else daily):
+            with pytest.raises(ValueError, match="the daily rollup"):
+                repository.usage(percentiles="approximate", source=rollup.name, **report)
+            continue
+        rolled = repository.usage(percentiles="approximate", source=rollup.name, **report)
+        assert {row.source for row in rolled} == {rollup.name}
+        assert comparable(rolled) == comparable(raw), (rollup.name, report)
 
 
 @pytest.fixture
@@ -89,29 +115,68 @@ def test_every_grouping_and_granularity_matches_the_traces(repository: TraceRepo
     assert_rollup_answers_like_the_traces(
         repository, organization_id="org-0", group_by=("agent_id",), granularity="day", since=since, until=until
     )
+    since, until = (time.replace(hour=0) for time in (since, until))
+    assert_rollup_answers_like_the_traces(
+        repository, organization_id="org-0", group_by=("model",), granularity="day", since=since, until=until
+    )
     assert_rollup_answers_like_the_traces(
         repository, organization_id=ALL_ORGANIZATIONS, group_by=("model",), is_byok=False, provider="openai"
     )
 
 
-def test_auto_uses_the_rollup_only_when_it_answers_exactly(repository: TraceRepository) -> None:
+def test_auto_uses_the_coarsest_rollup_that_answers_exactly(repository: TraceRepository) -> None:
     def source(**report: Any) -> set[str]:
         return {row.source for row in repository.usage(ALL_ORGANIZATIONS, **report)}
 
-    assert source(percentiles="approximate") == {"rollup"}
+    assert source(percentiles="approximate") == {"daily"}
+    assert source(percentiles="approximate", granularity="month", is_error=False) == {"daily"}
+    assert source(percentiles="approximate", group_by=("agent_id",)) == {"hourly"}
+    assert source(percentiles="approximate", project_id="project-1") <= {"hourly"}
+    assert source(percentiles="approximate", granularity="hour") == {"hourly"}
+    assert source(percentiles="approximate", since=END - timedelta(days=3)) == {"hourly"}  # 12:00, not midnight
     assert source() == {"raw"}  # exact percentiles need every latency
     assert source(percentiles="approximate", run_id="run-00000001") <= {"raw"}
     assert source(percentiles="approximate", since=END - timedelta(days=3, minutes=30)) == {"raw"}
     cases = [
-        ({}, "exact percentiles"),
-        ({"percentiles": "approximate", "step_id": "s"}, "step_id filter"),
-        ({"percentiles": "approximate", "until": END - timedelta(seconds=1)}, "until is not a whole UTC hour"),
+        ("rollup", {}, "exact percentiles"),
+        ("rollup", {"percentiles": "approximate", "step_id": "s"}, "step_id filter"),
+        ("rollup", {"percentiles": "approximate", "until": END - timedelta(seconds=1)}, "not a whole UTC hour"),
+        ("daily", {"percentiles": "approximate", "group_by": ("agent_id",)}, "does not keep agent_id"),
+        ("daily", {"percentiles": "approximate", "granularity": "hour"}, "has no hours"),
+        ("daily", {"percentiles": "approximate", "until": END}, "until is not a whole UTC day"),
     ]
-    for report, reason in cases:
+    for asked, report, reason in cases:
         with pytest.raises(ValueError, match=reason):
-            repository.usage(ALL_ORGANIZATIONS, source="rollup", **report)
+            repository.usage(ALL_ORGANIZATIONS, source=asked, **report)
     with pytest.raises(ValueError, match="source: unknown value 'fast'"):
         repository.usage(ALL_ORGANIZATIONS, source="fast")
+
+
+def test_a_price_that_starts_inside_a_day_keeps_every_source_exact(repository: TraceRepository) -> None:
+    """Days' totals can no longer be priced at once: reports price hours, and the daily rollup stands aside."""
+    start = END - timedelta(days=5, hours=10)  # 02:00 UTC
+    set_price(repository.engine, ModelPrice.flat("openai", "gpt-4.1", input="7", output="11", effective_from=start))
+    report = {"organization_id": ALL_ORGANIZATIONS, "group_by": ("model",), "percentiles": "approximate"}
+    with pytest.raises(ValueError, match="takes effect at another time than midnight"):
+        repository.usage(source="daily", **report)
+    assert {row.source for row in repository.usage(**report)} == {"hourly"}
+    # After the days it touches, the daily rollup answers again.
+    later = (start + timedelta(days=1)).replace(hour=0)
+    assert {row.source for row in repository.usage(since=later, **report)} == {"daily"}
+    # Each trace's own cost (llmtrace.cost.select_with_cost) is the independent measure.
+    with repository.engine.connect() as connection:
+        rows = connection.execute(select_with_cost(TRACES_TABLE.c.model, TRACES_TABLE.c.is_byok)).mappings().all()
+    per_model: dict[str, Decimal] = defaultdict(Decimal)
+    for row in rows:
+        per_model[row["model"]] += dollars(row["cost"])
+    assert any(row["model"] == "gpt-4.1" for row in rows)
+    for granularity in (None, "day"):
+        for asked in ("raw", "hourly"):
+            got: dict[str, Decimal] = defaultdict(Decimal)
+            for usage in repository.usage(source=asked, granularity=granularity, **report):
+                got[usage.model or ""] += usage.cost + usage.byok_cost
+            assert got == {model: cost for model, cost in per_model.items() if cost or model in got}, asked
+    assert_rollup_answers_like_the_traces(repository, daily=False, organization_id=ALL_ORGANIZATIONS, granularity="day")
 
 
 def test_percentiles_from_the_rollup_are_close_to_exact(repository: TraceRepository) -> None:
@@ -147,50 +212,66 @@ def test_deletes_correct_the_rollup(repository: TraceRepository, erase: bool) ->
     assert repository.delete(heavy, agent_id=agent, erase=erase) > 0
     assert repository.delete("org-3", before=END - timedelta(days=20), erase=erase) > 0
     assert repository.delete("org-1", erase=erase) > 0
-    for keys in [("organization_id", "agent_id"), ("model",)]:
+    for keys, granularity in [
+        (("organization_id", "agent_id"), "hour"),
+        (("model",), "hour"),
+        (("organization_id",), "day"),
+    ]:
         assert_rollup_answers_like_the_traces(
-            repository, organization_id=ALL_ORGANIZATIONS, group_by=keys, granularity="hour"
+            repository, organization_id=ALL_ORGANIZATIONS, group_by=keys, granularity=granularity
         )
     # Written again after the delete: stored again, and counted again.
     again = [trace for trace in traces() if trace.organization_id == "org-1"]
     assert repository.add_many(again) == len(again)
     assert_rollup_answers_like_the_traces(repository, organization_id="org-1", group_by=("agent_id",))
+    assert_rollup_answers_like_the_traces(repository, organization_id="org-1", group_by=("model",), granularity="day")
 
 
-def test_the_migration_fills_the_rollup_from_stored_traces(engine: Engine) -> None:
-    upgrade(engine, "0004")
+@pytest.mark.parametrize(("before", "answers"), [("0004", "raw"), ("0005", "hourly")])
+def test_the_migrations_fill_the_rollups_from_stored_traces(engine: Engine, before: str, answers: str) -> None:
+    upgrade(engine, before)
     repository = TraceRepository(engine)
     repository.add_many(traces()[:2_000])
-    assert {row.source for row in repository.usage(ALL_ORGANIZATIONS, percentiles="approximate")} == {"raw"}
+    assert {row.source for row in repository.usage(ALL_ORGANIZATIONS, percentiles="approximate")} == {answers}
     upgrade(engine)
+    assert {row.source for row in repository.usage(ALL_ORGANIZATIONS, percentiles="approximate")} == {"daily"}
     assert_rollup_answers_like_the_traces(
         repository, organization_id=ALL_ORGANIZATIONS, group_by=("organization_id", "model"), granularity="day"
     )
 
 
-def test_a_rebuild_gives_the_same_rollup(repository: TraceRepository) -> None:
-    before = repository.usage(ALL_ORGANIZATIONS, group_by=("agent_id",), granularity="hour", source="rollup",
-                              percentiles="approximate")  # fmt: skip
+def test_a_rebuild_gives_the_same_rollups(repository: TraceRepository) -> None:
+    def reports() -> list[list[dict[str, Any]]]:
+        return [
+            comparable(repository.usage(ALL_ORGANIZATIONS, group_by=keys, source=name, percentiles="approximate"))
+            for keys, name in ((("organization_id", "agent_id"), "hourly"), (("organization_id",), "daily"))
+        ]
+
+    before = reports()
     with repository.engine.connect() as connection:
-        # A rollup that went wrong: one organization's rows counted twice.
-        connection.execute(text(f"INSERT INTO {ROLLUP_TABLE_NAME} SELECT * FROM {ROLLUP_TABLE_NAME} "
-                                "WHERE organization_id = 'org-0' SETTINGS insert_deduplicate = 0"))  # fmt: skip
-    assert comparable(repository.usage(ALL_ORGANIZATIONS, group_by=("agent_id",), granularity="hour",
-                                       source="rollup", percentiles="approximate")) != comparable(before)  # fmt: skip
+        # Rollups that went wrong: one organization's hours counted twice (and so its days, through the view),
+        # another's days counted twice.
+        for table, organization in ((HOURLY.table, "org-0"), (DAILY.table, "org-1")):
+            doubled = f"SELECT * FROM {table} WHERE organization_id = '{organization}'"
+            connection.execute(text(f"INSERT INTO {table} {doubled} SETTINGS insert_deduplicate = 0"))
+    after = reports()
+    assert after[0] != before[0] and after[1] != before[1]
     repository.rebuild_rollup()
+    assert reports() == before
     assert_rollup_answers_like_the_traces(
-        repository, organization_id=ALL_ORGANIZATIONS, group_by=("agent_id",), granularity="hour"
+        repository, organization_id=ALL_ORGANIZATIONS, group_by=("organization_id", "model"), granularity="day"
     )
 
 
-def test_the_view_computes_what_the_code_says(migrated_engine: Engine) -> None:
+@pytest.mark.parametrize("rollup", ROLLUPS, ids=lambda rollup: rollup.name)
+def test_the_view_computes_what_the_code_says(migrated_engine: Engine, rollup: Any) -> None:
     with migrated_engine.connect() as connection:
         stored = connection.execute(
             text("SELECT as_select FROM system.tables WHERE database = currentDatabase() AND name = :name"),
-            {"name": ROLLUP_VIEW_NAME},
+            {"name": rollup.view},
         ).scalar_one()
-        source = f"{migrated_engine.url.database}.llm_traces"
-        expected = ROLLUP_SELECT.format(source=source, where="")
+        source = f"{migrated_engine.url.database}.{rollup.reads}"
+        expected = rollup.select.format(source=source, where="")
         normalized = [
             connection.execute(text("SELECT formatQuery(:query)"), {"query": query}).scalar_one()
             for query in (stored, expected)
@@ -198,7 +279,7 @@ def test_the_view_computes_what_the_code_says(migrated_engine: Engine) -> None:
     assert normalized[0] == normalized[1]
 
 
-def test_after_a_retention_drop_both_sources_report_the_same_whole_hours(migrated_engine: Engine) -> None:
+def test_after_a_retention_drop_every_source_reports_the_same_whole_days(migrated_engine: Engine) -> None:
     now = datetime.now(UTC)
     repository = TraceRepository(migrated_engine)
     repository.add_many(
@@ -207,7 +288,7 @@ def test_after_a_retention_drop_both_sources_report_the_same_whole_hours(migrate
     everything = repository.usage(ALL_ORGANIZATIONS, group_by=(), source="raw")[0].requests
     set_retention(migrated_engine, rows_days=30, payload_days=None)
     with migrated_engine.connect() as connection:
-        for table in ("llm_traces", ROLLUP_TABLE_NAME):  # what merges would do later, now
+        for table in ("llm_traces", *(rollup.table for rollup in ROLLUPS)):  # what merges would do later, now
             connection.execute(text(f"ALTER TABLE {table} MATERIALIZE TTL SETTINGS mutations_sync = 2"))
     cutoff = now - timedelta(days=30)
     for keys, granularity in [(("model",), "day"), (("organization_id", "agent_id"), "hour"), ((), None)]:
@@ -215,7 +296,8 @@ def test_after_a_retention_drop_both_sources_report_the_same_whole_hours(migrate
             repository, organization_id=ALL_ORGANIZATIONS, group_by=keys, granularity=granularity
         )
     rows = repository.usage(ALL_ORGANIZATIONS, group_by=(), granularity="hour", source="raw")
-    assert rows[0].bucket is not None and rows[0].bucket >= cutoff.replace(minute=0, second=0, microsecond=0)
+    first_day = cutoff.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
+    assert rows[0].bucket is not None and rows[0].bucket >= first_day
     assert 0 < sum(row.requests for row in rows) < everything
     # A range wholly past the retention reports nothing, from either source.
     assert repository.usage(ALL_ORGANIZATIONS, until=cutoff - timedelta(days=1)) == []

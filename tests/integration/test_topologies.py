@@ -63,12 +63,22 @@ REPLICATED_WINDOW = "replicated_deduplication_window = 10000, replicated_dedupli
 # For each topology: the engine of every table the upgrade creates, and its settings, as ClickHouse formats them.
 EXPECTED_TABLES: dict[str, dict[str, tuple[str, str | None]]] = {
     "single": {
+        "llm_usage_daily": ("AggregatingMergeTree", "non_replicated_deduplication_window = 10000"),
         "llm_usage_hourly": ("AggregatingMergeTree", "non_replicated_deduplication_window = 10000"),
         "llm_model_prices": ("ReplacingMergeTree(updated_at, is_deleted)", None),
         "alembic_version": ("MergeTree", None),
         "llm_traces": ("MergeTree", "non_replicated_deduplication_window = 10000"),
     },
     f"cluster:{CLUSTER}": {
+        "llm_usage_daily_local": (
+            "ReplicatedAggregatingMergeTree('/clickhouse/tables/{shard}/{database}/llm_usage_daily_local', "
+            "'{replica}')",
+            REPLICATED_WINDOW,
+        ),
+        "llm_usage_daily": (
+            f"Distributed('{CLUSTER}', '{DATABASE}', 'llm_usage_daily_local', cityHash64(organization_id))",
+            None,
+        ),
         "llm_usage_hourly_local": (
             "ReplicatedAggregatingMergeTree('/clickhouse/tables/{shard}/{database}/llm_usage_hourly_local', "
             "'{replica}')",
@@ -98,18 +108,22 @@ EXPECTED_TABLES: dict[str, dict[str, tuple[str, str | None]]] = {
         ),
     },
     "replicated": {
+        "llm_usage_daily": ("ReplicatedAggregatingMergeTree", REPLICATED_WINDOW),
         "llm_usage_hourly": ("ReplicatedAggregatingMergeTree", REPLICATED_WINDOW),
         "llm_model_prices": ("ReplicatedReplacingMergeTree(updated_at, is_deleted)", None),
         "alembic_version": ("ReplicatedMergeTree", "replicated_deduplication_window = 0"),
         "llm_traces": ("ReplicatedMergeTree", REPLICATED_WINDOW),
     },
     "cloud": {
+        "llm_usage_daily": ("AggregatingMergeTree", REPLICATED_WINDOW),
         "llm_usage_hourly": ("AggregatingMergeTree", REPLICATED_WINDOW),
         "llm_model_prices": ("ReplacingMergeTree(updated_at, is_deleted)", None),
         "alembic_version": ("MergeTree", "replicated_deduplication_window = 0"),
         "llm_traces": ("MergeTree", REPLICATED_WINDOW),
     },
 }
+# Tables a migration fills with rows (beside the version table).
+FILLED = {"llm_model_prices", "llm_usage_hourly", "llm_usage_daily"}
 _STATEMENT_KINDS = (
     r"CREATE TABLE(?: IF NOT EXISTS)?|CREATE MATERIALIZED VIEW(?: IF NOT EXISTS)?|ALTER TABLE|DROP TABLE IF EXISTS|"
     r"DROP VIEW IF EXISTS|INSERT INTO|DELETE FROM"
@@ -176,10 +190,8 @@ def is_version_bookkeeping(statement: str) -> bool:
 
 def is_data(statement: str) -> bool:
     """Rows a migration inserts: the version table's, the default price list (replicated by its table) and the
-    rollup's first filling (through the Distributed tables on a cluster)."""
-    return is_version_bookkeeping(statement) or (
-        statement.startswith("INSERT") and target(statement) in {"llm_model_prices", "llm_usage_hourly"}
-    )
+    rollups' first filling (through the Distributed tables on a cluster)."""
+    return is_version_bookkeeping(statement) or (statement.startswith("INSERT") and target(statement) in FILLED)
 
 
 def line_value(statement: str, keyword: str) -> str | None:
@@ -199,11 +211,7 @@ def test_every_statement_parses_and_has_the_topologys_structure(engine: Engine, 
     on_cluster = [_ON_CLUSTER.findall(statement) for statement in every]
     if clustered:
         assert all(_ON_CLUSTER.findall(statement) == [f"`{CLUSTER}`"] for statement in ddl), ddl
-        assert all(
-            target(statement) in {"alembic_version", "llm_model_prices", "llm_usage_hourly"}
-            for statement in every
-            if statement not in ddl
-        )
+        assert all(target(statement) in {"alembic_version", *FILLED} for statement in every if statement not in ddl)
         assert all(f" {DATABASE}." in statement.split("\n")[0] for statement in ddl)
     for statement, found in zip(every, on_cluster, strict=True):
         if not (clustered and statement in ddl):
@@ -216,12 +224,16 @@ def test_every_statement_parses_and_has_the_topologys_structure(engine: Engine, 
         assert line_value(creates[table], "ENGINE =") == engine_clause, creates[table]
         assert line_value(creates[table], "SETTINGS") == settings, creates[table]
     distributed = sorted(table for table, s in creates.items() if "Distributed(" in s)
-    assert distributed == (["llm_traces", "llm_usage_hourly"] if clustered else [])
-    # The rollup's view reads the table that stores the traces and writes the table that stores the totals.
-    (view,) = [s for s in parsed_upgrade if s.startswith("CREATE MATERIALIZED VIEW")]
+    assert distributed == (["llm_traces", "llm_usage_daily", "llm_usage_hourly"] if clustered else [])
+    # Each rollup's view reads the table that stores what it sums (the traces; the hourly totals) and writes the
+    # table that stores its totals.
+    hourly, daily = [s for s in parsed_upgrade if s.startswith("CREATE MATERIALIZED VIEW")]
     suffix = "_local" if clustered else ""
-    assert f"TO {DATABASE + '.' if clustered else ''}llm_usage_hourly{suffix}\n" in view, view
-    assert f"FROM {DATABASE + '.' if clustered else ''}llm_traces{suffix} AS t" in view, view
+    prefix = DATABASE + "." if clustered else ""
+    assert f"TO {prefix}llm_usage_hourly{suffix}\n" in hourly, hourly
+    assert f"FROM {prefix}llm_traces{suffix} AS t" in hourly, hourly
+    assert f"TO {prefix}llm_usage_daily{suffix}\n" in daily, daily
+    assert f"FROM {prefix}llm_usage_hourly{suffix} AS h" in daily, daily
     if clustered:
         assert f"AS {DATABASE}.llm_traces_local" in creates["llm_traces"]
         assert "rand" not in creates["llm_traces"]  # a deterministic key: retries reach the same shard
@@ -240,6 +252,7 @@ def test_every_statement_parses_and_has_the_topologys_structure(engine: Engine, 
     # The downgrade removes the Distributed table before the table it reads.
     drops = [target(s) for s in parsed_downgrade if s.startswith("DROP TABLE")]
     assert drops == [
+        *(["llm_usage_daily", "llm_usage_daily_local"] if clustered else ["llm_usage_daily"]),
         *(["llm_usage_hourly", "llm_usage_hourly_local"] if clustered else ["llm_usage_hourly"]),
         "llm_model_prices",
         *(["llm_traces", "llm_traces_local"] if clustered else ["llm_traces"]),
@@ -309,7 +322,7 @@ def test_the_cloud_rendering_runs_on_clickhouse(engine: Engine) -> None:
     assert tables["llm_traces"].startswith("MergeTree PARTITION BY toYYYYMM(created_at)")
     assert tables["llm_traces"].endswith(f"SETTINGS {REPLICATED_WINDOW}, index_granularity = 8192")
     assert tables["alembic_version"].endswith("SETTINGS replicated_deduplication_window = 0, index_granularity = 8192")
-    assert version == ["0005"]
+    assert version == ["0006"]
     check(engine)  # the same columns as the model
 
 
