@@ -5,7 +5,7 @@ are, over any number of them, from the price list (:mod:`llmtrace.prices`) as it
 
 Which price applies. A trace (or an hour's traces) is joined to the price rows of its exact ``provider`` and
 ``model`` with an ``ASOF LEFT JOIN``: the row with the latest ``effective_from`` at or before its time. Your own
-prices (source ``user``) are joined apart from the default list and win whenever one is in force. No row: the
+prices (source ``user``) win from the first one on, over the default list (see :func:`price_rows`). No row: the
 trace is *unpriced*, counted as such and never priced at 0.
 
 Billable tokens, for a price row that says how its provider counts (``prompt_includes_cached``,
@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from decimal import Context, Decimal
 from typing import Any
 
-from sqlalchemy import Integer, Select, and_, case, column, func, literal, literal_column, not_, or_, select, text
+from sqlalchemy import Integer, Select, and_, case, column, func, literal, literal_column, not_, select, text
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql import ColumnElement
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -81,48 +81,52 @@ def _compile_asof_left_join(element: AsofLeftJoin, compiler: SQLCompiler, **kw: 
     return f"{left} ASOF LEFT JOIN {right} ON {compiler.process(element.onclause, **kw)}"
 
 
-def price_rows(user: bool) -> Subquery:
-    """The price rows in force (``FINAL``, deleted ones left out): your own (``user``) or the default list's.
+def price_rows() -> Subquery:
+    """The price rows in force (``FINAL``, deleted ones left out), your own merged with the default list's.
+
+    Your price wins from its ``effective_from`` on, over every default price, later ones included: so the default
+    rows of a (provider, model) are kept only before your first price for it. With that, the latest row at or
+    before a time is the price in force, and one ``ASOF`` join finds it.
 
     Written as text: clickhouse-connect's ``final()`` modifier is rendered on a top-level SELECT only, and is
     lost in a subquery. The text is constant (no values from callers).
     """
     p = PRICES_TABLE.c
     names = ["provider", "model", "effective_from", *PRICE_FIELDS]
-    condition = f"source {'=' if user else '!='} '{USER_SOURCE}'"
+    table = PRICES_TABLE.name
     statement = text(
-        f"SELECT {', '.join(names)}, toUInt8(1) AS priced FROM {PRICES_TABLE.name} FINAL "
-        f"WHERE is_deleted = 0 AND {condition}"
+        f"SELECT {', '.join(f'p.{name} AS {name}' for name in names)}, toUInt8(1) AS priced "
+        f"FROM {table} AS p FINAL "
+        "LEFT JOIN (SELECT provider, model, min(effective_from) AS first_own, toUInt8(1) AS has_own "
+        f"FROM {table} FINAL WHERE is_deleted = 0 AND source = '{USER_SOURCE}' GROUP BY provider, model) AS own "
+        "ON p.provider = own.provider AND p.model = own.model "
+        f"WHERE p.is_deleted = 0 "
+        f"AND (p.source = '{USER_SOURCE}' OR own.has_own = 0 OR p.effective_from < own.first_own)"
     ).columns(*(p[name] for name in names), column("priced", Integer))
-    return statement.subquery("user_prices" if user else "default_prices")
+    return statement.subquery("prices")
 
 
 @dataclass(frozen=True)
 class PricedSource:
-    """A FROM clause joined to both price lists, and the price fields in force for each of its rows."""
+    """A FROM clause joined to the prices, and the price fields in force for each of its rows."""
 
     from_: FromClause
-    user: Subquery
-    default: Subquery
+    prices: Subquery
 
     def price(self, name: str) -> ColumnElement[Any]:
-        """A price field of the price in force: the user's if one is, else the default list's."""
-        return func.if_(self.user.c.priced == 1, self.user.c[name], self.default.c[name])
+        """A price field of the price in force."""
+        return self.prices.c[name]
 
     @property
     def priced(self) -> ColumnElement[bool]:
-        return or_(self.user.c.priced == 1, self.default.c.priced == 1)
+        return self.prices.c.priced == 1
 
 
 def join_prices(source: FromClause, provider: Any, model: Any, at: Any) -> PricedSource:
-    """``source`` ASOF LEFT JOINed to your prices and to the default list on (provider, model, at)."""
-    user, default = price_rows(user=True), price_rows(user=False)
-
-    def on(prices: Subquery) -> ColumnElement[bool]:
-        return and_(provider == prices.c.provider, model == prices.c.model, at >= prices.c.effective_from)
-
-    joined = AsofLeftJoin(AsofLeftJoin(source, user, on(user)), default, on(default))
-    return PricedSource(joined, user, default)
+    """``source`` ASOF LEFT JOINed to the prices in force on (provider, model, at)."""
+    prices = price_rows()
+    on = and_(provider == prices.c.provider, model == prices.c.model, at >= prices.c.effective_from)
+    return PricedSource(AsofLeftJoin(source, prices, on), prices)
 
 
 @dataclass(frozen=True)
