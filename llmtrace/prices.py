@@ -490,13 +490,15 @@ def price_unpriced_models(engine: Engine, *, since: datetime | None = None) -> P
     from llmtrace.price_list import genai_price_rows
     from llmtrace.record import TRACES_TABLE
 
-    t, p = TRACES_TABLE.c, PRICES_TABLE.c
-    known = select(p.provider, p.model).where(p.is_deleted == 0)
-    used = select(t.provider, t.model).distinct().where(func.tuple(t.provider, t.model).not_in(known))
+    t = TRACES_TABLE.c
+    used = select(t.provider, t.model).distinct()
     if since is not None:
         used = used.where(t.created_at >= since)
     with database_errors("finding unpriced models"), engine.connect() as connection:
-        pairs = [(row[0], row[1]) for row in connection.execute(used)]
+        # The priced names are read with FINAL (list_prices), apart: FINAL is lost in a subquery, and a price
+        # deleted but not yet merged away would otherwise still count.
+        known = {(price.provider, price.model) for price in list_prices(connection)}
+        pairs = [(row[0], row[1]) for row in connection.execute(used) if (row[0], row[1]) not in known]
     added: list[tuple[str, str]] = []
     rows: list[ModelPrice] = []
     for provider, model in sorted(pairs):

@@ -232,6 +232,14 @@ def test_names_the_default_list_lacks_are_priced_as_genai_prices_resolves_them(r
         dated, prompt_includes_cached=False, completion_includes_reasoning=True
     )
     assert price_unpriced_models(repository.engine).priced == []
+    # A name whose only price was deleted has no price again, and is reported as such.
+    house = ModelPrice.flat(
+        "openai", "house-model-7", input="1", output="2", effective_from=datetime(2020, 1, 1, tzinfo=UTC)
+    )
+    set_price(repository.engine, house)
+    assert price_unpriced_models(repository.engine).still_unpriced == []
+    assert delete_price(repository.engine, "openai", "house-model-7", house.effective_from)
+    assert price_unpriced_models(repository.engine).still_unpriced == [("openai", "house-model-7")]
 
 
 def test_prices_round_trip_and_bad_prices_name_the_field(repository: TraceRepository) -> None:
