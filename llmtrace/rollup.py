@@ -218,7 +218,7 @@ def answerable(
     for name in ("run_id", "step_id", "trace_id"):
         if getattr(trace_filter, name) is not None:
             return f"the {name} filter names single traces"
-    for name in (*PER_AGENT,):
+    for name in PER_AGENT:
         if name not in rollup.keys and (name in keys or getattr(trace_filter, name) is not None):
             return f"the {rollup.name} rollup does not keep {name}"
     if rollup.micros > MICROS_PER_HOUR:

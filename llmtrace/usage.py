@@ -91,7 +91,7 @@ class UsageRow:
             is not in ``cost``.
         unpriced_requests: Traces no price applied to (no price for their provider and model at their time, or
             counts that contradict their provider's convention); they are in no cost.
-        source: What answered: ``"raw"`` (the traces) or ``"rollup"`` (the hourly rollup).
+        source: What answered: ``"raw"`` (the traces), ``"hourly"`` or ``"daily"`` (that rollup).
     """
 
     group: Mapping[str, Any]
@@ -197,11 +197,6 @@ def period_start(time: ColumnElement[Any], micros: int = MICROS_PER_HOUR) -> Col
     compute their periods the same way)."""
     micros_of = func.toUnixTimestamp64Micro(time)
     return func.fromUnixTimestamp64Micro(micros_of - func.positiveModulo(micros_of, micros), "UTC")
-
-
-def hour_start(time: ColumnElement[Any]) -> ColumnElement[Any]:
-    """The start of the UTC hour ``time`` falls in (see :func:`period_start`)."""
-    return period_start(time, MICROS_PER_HOUR)
 
 
 def rollup_period_totals(
