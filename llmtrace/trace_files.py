@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -99,17 +100,38 @@ def read_items(stream: BinaryIO, format_name: str) -> Iterator[tuple[int, Item]]
     return _read_parquet(stream)
 
 
+class _RepeatedKeyError(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _refuse_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of repeated keys without a word: a line that names organization_id twice would be
+    # stored in whichever organization comes last. Such a line is ambiguous, and refused.
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        raise _RepeatedKeyError(next(key for key, count in Counter(key for key, _ in pairs).items() if count > 1))
+    return value
+
+
 def _read_jsonl(stream: BinaryIO) -> Iterator[tuple[int, Item]]:
     for number, line in enumerate(stream, 1):
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
+            value = json.loads(line, object_pairs_hook=_refuse_repeated_keys)
         except UnicodeDecodeError as exc:
             yield number, Unreadable("(line)", f"not UTF-8 text: {exc.reason} at byte {exc.start}")
             continue
         except json.JSONDecodeError as exc:
             yield number, Unreadable("(line)", f"not valid JSON: {exc.msg} at column {exc.colno}")
+            continue
+        except _RepeatedKeyError as exc:
+            yield number, Unreadable(exc.key, "the field is given more than once in the line")
+            continue
+        except RecursionError:
+            yield number, Unreadable("(line)", "not valid JSON: arrays or objects nested too deeply")
             continue
         if not isinstance(value, dict):
             yield number, Unreadable("(line)", f"expected a JSON object of trace fields, got {type(value).__name__}")
