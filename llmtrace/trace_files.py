@@ -44,6 +44,15 @@ FLAG_FIELDS = frozenset({"is_byok", "is_error"})
 LIST_FIELDS = frozenset({"agent_tags"})
 # Large enough to be read efficiently, small enough to bound memory: pyarrow's batches when reading Parquet.
 PARQUET_READ_BATCH = 1_000
+# How files that are not text start: a JSON Lines or CSV import given one says what it is, not a problem per line.
+BINARY_SIGNATURES = (
+    (b"\x1f\x8b", "gzip-compressed", "decompress it first (gunzip -c FILE | llmtrace import --format FORMAT -)"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed", "decompress it first (zstd -dc FILE | llmtrace import --format FORMAT -)"),
+    (b"BZh", "bzip2-compressed", "decompress it first (bzip2 -dc FILE | llmtrace import --format FORMAT -)"),
+    (b"\xfd7zXZ\x00", "xz-compressed", "decompress it first (xz -dc FILE | llmtrace import --format FORMAT -)"),
+    (b"PK\x03\x04", "a zip archive", "extract the file from it first"),
+    (b"PAR1", "a Parquet file", "name it *.parquet or pass --format parquet"),
+)
 
 
 @dataclass(frozen=True)
@@ -92,12 +101,28 @@ def read_items(stream: BinaryIO, format_name: str) -> Iterator[tuple[int, Item]]
         stream: The file, opened in binary mode (standard input's buffer for ``-``). A Parquet file needs a
             seekable stream; standard input is read into memory first.
         format_name: One of :data:`FORMATS`.
+
+    Raises:
+        ConfigurationError: A JSON Lines or CSV file starts as a compressed, archived or Parquet file does (checked
+            when ``stream`` can be peeked at, as buffered files and standard input can).
     """
+    if format_name == "parquet":
+        return _read_parquet(stream)
+    _refuse_binary(stream, format_name)
     if format_name == "jsonl":
         return _read_jsonl(stream)
-    if format_name == "csv":
-        return _read_csv(stream)
-    return _read_parquet(stream)
+    return _read_csv(stream)
+
+
+def _refuse_binary(stream: BinaryIO, format_name: str) -> None:
+    peek = getattr(stream, "peek", None)
+    if peek is None:
+        return
+    start = peek(8)[:8]
+    for signature, what, advice in BINARY_SIGNATURES:
+        if start.startswith(signature):
+            label = "JSON Lines" if format_name == "jsonl" else "CSV"
+            raise ConfigurationError(f"The input is {what}, not {label} text: {advice.replace('FORMAT', format_name)}.")
 
 
 class _RepeatedKeyError(ValueError):

@@ -7,6 +7,7 @@ their own (signals, standard input as the operating system gives it) are in test
 
 from __future__ import annotations
 
+import gzip
 import json
 import uuid
 from collections.abc import Iterator
@@ -75,3 +76,32 @@ def test_json_lines_that_are_ambiguous_or_too_deep_are_reported_by_line_and_fiel
         "  line 3, (line): not valid JSON: arrays or objects nested too deeply",
     ]
     assert count(url, organization) == 0 and count(url, "org-elsewhere") == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        (
+            "traces.jsonl",
+            gzip.compress(b'{"id": "1"}\n'),
+            "The input is gzip-compressed, not JSON Lines text: decompress it first "
+            "(gunzip -c FILE | llmtrace import --format jsonl -).",
+        ),
+        (
+            "traces.csv",
+            gzip.compress(b"id,organization_id\n1,org\n"),
+            "The input is gzip-compressed, not CSV text: decompress it first "
+            "(gunzip -c FILE | llmtrace import --format csv -).",
+        ),
+        ("traces.jsonl", b"PAR1\x15\x04", "The input is a Parquet file, not JSON Lines text: name it *.parquet or "
+         "pass --format parquet."),
+    ],
+    ids=["gzip-as-jsonl", "gzip-as-csv", "parquet-as-jsonl"],
+)  # fmt: skip
+def test_a_compressed_or_parquet_file_given_as_text_is_named(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, content: bytes, message: str
+) -> None:
+    file = tmp_path / name
+    file.write_bytes(content)
+    result = run(capsys, "--url", url, "import", str(file))
+    assert (result.code, result.err) == (1, f"llmtrace: {message}\n")
