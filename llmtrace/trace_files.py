@@ -44,6 +44,8 @@ FLAG_FIELDS = frozenset({"is_byok", "is_error"})
 LIST_FIELDS = frozenset({"agent_tags"})
 # Large enough to be read efficiently, small enough to bound memory: pyarrow's batches when reading Parquet.
 PARQUET_READ_BATCH = 1_000
+# The longest CSV cell read; the csv module's default, 128 KiB, is shorter than many payloads.
+CSV_FIELD_SIZE_LIMIT = 2**31 - 1
 # How files that are not text start: a JSON Lines or CSV import given one says what it is, not a problem per line.
 BINARY_SIGNATURES = (
     (b"\x1f\x8b", "gzip-compressed", "decompress it first (gunzip -c FILE | llmtrace import --format FORMAT -)"),
@@ -165,17 +167,24 @@ def _read_jsonl(stream: BinaryIO) -> Iterator[tuple[int, Item]]:
 
 
 def _read_csv(stream: BinaryIO) -> Iterator[tuple[int, Item]]:
-    text = io.TextIOWrapper(stream, encoding="utf-8", newline="")
+    # utf-8-sig: spreadsheets start their CSV files with a byte order mark. surrogateescape: bytes that are not UTF-8
+    # reach the cell they are in, which names them (see _csv_item); a decoding error would stop the reader at the
+    # chunk of the file being decoded, lines before the bad one.
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
+    csv.field_size_limit(CSV_FIELD_SIZE_LIMIT)  # a process-wide setting
     reader = csv.DictReader(text, restval=None)  # None: a row with fewer cells than the header
     start = 2
     try:
+        repeated = [name for name, count in Counter(reader.fieldnames or ()).items() if count > 1]
+        if repeated:
+            # DictReader keeps the last cell of a name: which one was meant cannot be told.
+            yield 1, Unreadable(repeated[0], "the header names this column twice")
+            return
         for row in reader:
             yield start, _csv_item(row)
             start = reader.line_num + 1
-    except UnicodeDecodeError as exc:
-        yield reader.line_num + 1, Unreadable("(line)", f"not UTF-8 text: {exc.reason}")
     except csv.Error as exc:
-        yield reader.line_num, Unreadable("(line)", f"not valid CSV: {exc}")
+        yield start, Unreadable("(line)", f"not valid CSV: {exc}")
     finally:
         text.detach()
 
@@ -188,6 +197,12 @@ def _csv_item(row: dict[str | None, Any]) -> Item:
         assert name is not None
         if cell is None:
             return Unreadable("(line)", "fewer cells than the header has columns")
+        if not cell.isascii():
+            try:
+                cell.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a byte the file's decoding escaped (surrogateescape)
+                byte = ord(cell[exc.start]) - 0xDC00
+                return Unreadable(name, f"not UTF-8 text (byte 0x{byte:02x} at character {exc.start + 1})")
         if name in LIST_FIELDS:
             try:
                 item[name] = json.loads(cell) if cell else []

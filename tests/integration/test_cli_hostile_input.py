@@ -8,6 +8,7 @@ their own (signals, standard input as the operating system gives it) are in test
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import uuid
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from llmtrace import TraceRepository, get_engine
+from llmtrace import TraceRepository, get_engine, trace_files
 from llmtrace.cli import main
 from llmtrace.migrations import upgrade
 from tests.conftest import embedded_url
@@ -105,3 +106,52 @@ def test_a_compressed_or_parquet_file_given_as_text_is_named(
     file.write_bytes(content)
     result = run(capsys, "--url", url, "import", str(file))
     assert (result.code, result.err) == (1, f"llmtrace: {message}\n")
+
+
+def test_csv_saved_by_a_spreadsheet_imports_exactly(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A byte order mark, CRLF line ends and a payload longer than the csv module's default 128 KiB cell limit."""
+    organization = "org-spreadsheet"
+    traces = [
+        make_trace(1, organization_id=organization, request_json=json.dumps({"text": "x" * 300_000})),
+        make_trace(2, organization_id=organization, cached_input_tokens=None, agent_id=None),
+    ]
+    out = io.BytesIO()
+    writer = trace_files.open_writer(out, "csv")
+    writer.write(traces)
+    writer.close()
+    assert b"\r" not in out.getvalue()
+    file = tmp_path / "from-a-spreadsheet.csv"
+    file.write_bytes(b"\xef\xbb\xbf" + out.getvalue().replace(b"\n", b"\r\n"))
+    result = run(capsys, "--url", url, "import", str(file))
+    assert (result.code, result.err) == (0, ""), result
+    repository = TraceRepository(get_engine(url))
+    assert [repository.get(organization, trace.id) for trace in traces] == traces
+
+
+def test_csv_with_a_column_named_twice_is_refused(url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    file = tmp_path / "twice.csv"
+    # csv.DictReader keeps the last of two columns of one name: these traces would go to org-elsewhere.
+    file.write_text(
+        "id,organization_id,call_type,provider,model,request_json,response_json,organization_id\n"
+        "1,org-csv-twice,agent_step,openai,gpt-4.1,{},{},org-elsewhere\n"
+    )
+    result = run(capsys, "--url", url, "import", str(file))
+    assert result.code == 1
+    assert result.err.splitlines()[1:] == ["  line 1, organization_id: the header names this column twice"]
+    assert count(url, "org-csv-twice") == 0 and count(url, "org-elsewhere") == 0
+
+
+def test_csv_bytes_that_are_not_utf8_are_reported_at_their_line_and_field(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lines = [b"id,organization_id,call_type,provider,model,request_json,response_json"]
+    lines += [b"csv-%d,org-csv-bytes,agent_step,openai,gpt-4.1,{},{}" % i for i in range(1000)]
+    lines[901] = lines[901].replace(b"gpt-4.1", b"gpt\xff4.1")  # line 902 of the file
+    file = tmp_path / "latin.csv"
+    file.write_bytes(b"\n".join(lines) + b"\n")
+    result = run(capsys, "--url", url, "import", str(file), "--batch-size", "2000")
+    assert result.code == 1
+    assert result.err.splitlines()[1:] == ["  line 902, model: not UTF-8 text (byte 0xff at character 4)"]
+    assert count(url, "org-csv-bytes") == 0
