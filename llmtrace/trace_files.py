@@ -219,15 +219,52 @@ def _read_parquet(stream: BinaryIO) -> Iterator[tuple[int, Item]]:
     parquet = _pyarrow_parquet("Reading Parquet files")
     source: Any = stream if stream.seekable() else io.BytesIO(stream.read())
     try:
-        batches = parquet.ParquetFile(source).iter_batches(batch_size=PARQUET_READ_BATCH)
+        file = parquet.ParquetFile(source)
+        repeated = [name for name, count in Counter(file.schema_arrow.names).items() if count > 1]
+        if repeated:
+            # A row would keep one of the two values, and which one is meant cannot be told.
+            raise ConfigurationError(
+                f"Cannot read the Parquet file: it has two columns named {repeated[0]}, and which one is meant "
+                "cannot be told."
+            )
         number = 0
-        for batch in batches:
-            for row in batch.to_pylist():
+        for batch in file.iter_batches(batch_size=PARQUET_READ_BATCH):
+            for item in _batch_items(batch):
                 number += 1
-                yield number, row
+                yield number, item
     except (OSError, ValueError) as exc:
         # pyarrow's ArrowInvalid (a ValueError) and ArrowIOError (an OSError): not a Parquet file, or a damaged one.
         raise ConfigurationError(f"Cannot read the Parquet file: {exc}") from exc
+
+
+def _batch_items(batch: Any) -> list[Item]:
+    """The rows of a record batch as mappings; a row holding a value Python cannot hold, as :class:`Unreadable`."""
+    pa = _pyarrow("Reading Parquet files")
+    failures = (ArithmeticError, ValueError, TypeError, NotImplementedError, pa.ArrowException)
+    try:
+        rows: list[Item] = batch.to_pylist()
+        return rows
+    except failures:
+        pass  # a timestamp past the year 9999, say: found cell by cell below, to name its row and column
+    names = batch.schema.names
+    columns: list[list[Any]] = []
+    for name, column in zip(names, batch.columns, strict=True):
+        try:
+            columns.append(column.to_pylist())
+        except failures:
+            columns.append([_cell(name, column, index, failures) for index in range(len(column))])
+    items: list[Item] = []
+    for index in range(batch.num_rows):
+        row = {name: values[index] for name, values in zip(names, columns, strict=True)}
+        items.append(next((value for value in row.values() if isinstance(value, Unreadable)), row))
+    return items
+
+
+def _cell(name: str, column: Any, index: int, failures: tuple[type[BaseException], ...]) -> Any:
+    try:
+        return column[index].as_py()
+    except failures as exc:
+        return Unreadable(name, f"cannot be read: {exc}")
 
 
 def parquet_rows(stream: BinaryIO) -> int | None:

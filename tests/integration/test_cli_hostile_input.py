@@ -155,3 +155,50 @@ def test_csv_bytes_that_are_not_utf8_are_reported_at_their_line_and_field(
     assert result.code == 1
     assert result.err.splitlines()[1:] == ["  line 902, model: not UTF-8 text (byte 0xff at character 4)"]
     assert count(url, "org-csv-bytes") == 0
+
+
+def parquet_of(tmp_path: Path, organization: str, count: int = 3) -> Any:
+    """A table of ``count`` traces in the export's Parquet schema."""
+    import pyarrow as pa
+
+    rows = [make_trace(i, organization_id=organization).model_dump() for i in range(count)]
+    return pa.Table.from_pylist(rows, schema=trace_files.parquet_schema())
+
+
+def test_parquet_with_a_column_named_twice_is_refused(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = parquet_of(tmp_path, "org-parquet-twice")
+    table = pa.Table.from_arrays([*table.columns, pa.array(["org-elsewhere"] * 3)], [*table.column_names,
+                                 "organization_id"])  # fmt: skip
+    file = tmp_path / "twice.parquet"
+    pq.write_table(table, file)
+    result = run(capsys, "--url", url, "import", str(file))
+    assert result.code == 1
+    assert result.err == (
+        "llmtrace: Cannot read the Parquet file: it has two columns named organization_id, and which one is meant "
+        "cannot be told.\n"
+    )
+    assert count(url, "org-parquet-twice") == 0 and count(url, "org-elsewhere") == 0
+
+
+def test_parquet_values_python_cannot_hold_are_reported_by_row_and_field(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = parquet_of(tmp_path, "org-parquet-far", count=5)
+    index = table.schema.get_field_index("created_at")
+    # Year 146,000-odd: a valid Parquet timestamp, beyond what a Python datetime holds.
+    moments = pa.array([10**6, 10**6, 2**62, 10**6, 10**6], pa.timestamp("us", tz="UTC"))
+    file = tmp_path / "far.parquet"
+    pq.write_table(table.set_column(index, "created_at", moments), file)
+    result = run(capsys, "--url", url, "import", str(file))
+    assert result.code == 1
+    assert "Traceback" not in result.err
+    assert result.err.splitlines()[1:] == ["  row 3, created_at: cannot be read: date value out of range"]
+    assert count(url, "org-parquet-far") == 0
