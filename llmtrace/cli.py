@@ -515,21 +515,29 @@ def import_traces(
             total = _size_of(stream)
             items = trace_files.read_items(io.BufferedReader(counter), name)
         read = stored = 0
+        position = trace_files.position_name(name)
         with progress_bar(in_bytes=name != "parquet") as progress:
             task = progress.add_task(f"importing {file}", total=total)
-            for batch in chunks(items, batch_size):
-                traces_of_batch = validated_batch(
-                    batch, position=trace_files.position_name(name), file=file, stored=stored
-                )
-                try:
-                    stored += repository.add_many(traces_of_batch, batch_size=batch_size)
-                except LLMTraceError as exc:
+            try:
+                for batch in chunks(items, batch_size):
+                    numbers, traces_of_batch = validated_batch(batch, position=position, file=file, stored=stored)
+                    try:
+                        stored += repository.add_many(traces_of_batch, batch_size=batch_size)
+                    except TraceValidationError as exc:
+                        # What only the database can tell (a trace past the table's retention), by line as well.
+                        problems = [(numbers[index], field, message) for index, field, message in exc.problems]
+                        raise rejected_batch(batch, problems, position=position, file=file, stored=stored) from None
+                    read += len(batch)
+                    progress.update(task, completed=read if name == "parquet" else counter.count)
+            except ImportRejectedError:
+                raise  # says what earlier batches stored
+            except LLMTraceError as exc:
+                # The database failed, or the file turned out to be damaged part-way.
+                if read:
                     exc.add_note(
                         f"{stored:,} trace(s) of earlier batches of {file} were stored; importing it again skips them."
                     )
-                    raise
-                read += len(batch)
-                progress.update(task, completed=read if name == "parquet" else counter.count)
+                raise
     skipped = read - stored
     print(
         f"Imported {stored:,} trace(s) from {file}"
@@ -567,8 +575,12 @@ MAX_PROBLEMS_SHOWN = 50
 
 def validated_batch(
     batch: Sequence[tuple[int, trace_files.Item]], *, position: str, file: str, stored: int
-) -> list[LLMTrace]:
-    """The traces of one batch of a file, or :class:`ImportRejectedError` listing every problem by line and field."""
+) -> tuple[list[int], list[LLMTrace]]:
+    """The line (or row) numbers and traces of one batch of a file.
+
+    Raises:
+        ImportRejectedError: Listing every problem of the batch by line and field.
+    """
     problems = [
         (number, item.field, item.message) for number, item in batch if isinstance(item, trace_files.Unreadable)
     ]
@@ -578,14 +590,26 @@ def validated_batch(
         traces = validate_traces([item for _, item in readable], start=0)
     except TraceValidationError as exc:
         problems += [(readable[index][0], field, message) for index, field, message in exc.problems]
-    if not problems:
-        return traces
-    problems.sort()
+    if problems:
+        raise rejected_batch(batch, problems, position=position, file=file, stored=stored)
+    return [number for number, _ in readable], traces
+
+
+def rejected_batch(
+    batch: Sequence[tuple[int, trace_files.Item]],
+    problems: list[tuple[int, str, str]],
+    *,
+    position: str,
+    file: str,
+    stored: int,
+) -> ImportRejectedError:
+    """The error that stops an import at a batch with problems, each given as (line or row number, field, problem)."""
+    problems = sorted(problems)
     first, last = batch[0][0], batch[-1][0]
     lines = [f"  {position} {number}, {field}: {message}" for number, field, message in problems[:MAX_PROBLEMS_SHOWN]]
     if len(problems) > MAX_PROBLEMS_SHOWN:
         lines.append(f"  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more")
-    raise ImportRejectedError(
+    return ImportRejectedError(
         f"{file}: {len(problems)} problem(s) in {position}s {first} to {last}; nothing of that batch was written"
         f" ({stored:,} trace(s) of earlier batches were stored; importing the file again skips them):\n"
         + "\n".join(lines)

@@ -234,7 +234,8 @@ def _read_parquet(stream: BinaryIO) -> Iterator[tuple[int, Item]]:
                 yield number, item
     except (OSError, ValueError) as exc:
         # pyarrow's ArrowInvalid (a ValueError) and ArrowIOError (an OSError): not a Parquet file, or a damaged one.
-        raise ConfigurationError(f"Cannot read the Parquet file: {exc}") from exc
+        # Its messages may span lines; the command's error is one.
+        raise ConfigurationError(f"Cannot read the Parquet file: {' '.join(str(exc).split())}") from exc
 
 
 def _batch_items(batch: Any) -> list[Item]:

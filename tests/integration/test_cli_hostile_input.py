@@ -202,3 +202,44 @@ def test_parquet_values_python_cannot_hold_are_reported_by_row_and_field(
     assert "Traceback" not in result.err
     assert result.err.splitlines()[1:] == ["  row 3, created_at: cannot be read: date value out of range"]
     assert count(url, "org-parquet-far") == 0
+
+
+def test_traces_past_the_retention_are_reported_by_line(
+    database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    upgrade(get_engine(database_url))
+    assert run(capsys, "--url", database_url, "retention", "--rows-days", "365", "--payload-days", "365").code == 0
+    lines = [trace_line(i, "org-1") for i in range(8)]
+    lines[6] = trace_line(6, "org-1", created_at="2001-01-01T00:00:00Z")
+    file = tmp_path / "old.jsonl"
+    file.write_text("\n".join(lines) + "\n")
+    result = run(capsys, "--url", database_url, "import", str(file), "--batch-size", "4")
+    assert result.code == 1
+    assert result.err.splitlines() == [
+        f"llmtrace: {file}: 1 problem(s) in lines 5 to 8; nothing of that batch was written (4 trace(s) of earlier "
+        "batches were stored; importing the file again skips them):",
+        "  line 7, created_at: is older than the table's row retention of 365 day(s), so ClickHouse would drop it at "
+        "once. Leave such traces out, or lengthen the retention with llmtrace.set_retention",
+    ]
+    assert count(database_url, "org-1") == 4
+
+
+def test_a_parquet_file_damaged_part_way_says_what_was_stored(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pyarrow.parquet as pq
+
+    file = tmp_path / "damaged.parquet"
+    # The reader takes 1,000 rows at a time: the first 1,000 are read (and stored) before the damage is met.
+    pq.write_table(parquet_of(tmp_path, "org-parquet-damaged", count=1010), file, row_group_size=1000)
+    column = pq.ParquetFile(file).metadata.row_group(1).column(0)
+    data = bytearray(file.read_bytes())
+    for offset in range(column.data_page_offset, column.data_page_offset + 16):
+        data[offset] ^= 0xFF  # the second row group's first page header
+    file.write_bytes(bytes(data))
+    result = run(capsys, "--url", url, "import", str(file), "--batch-size", "1000")
+    assert result.code == 1
+    message, note = result.err.splitlines()  # pyarrow's message of several lines on one
+    assert message.startswith("llmtrace: Cannot read the Parquet file: Couldn't deserialize thrift: ")
+    assert note == f"1,000 trace(s) of earlier batches of {file} were stored; importing it again skips them."
+    assert count(url, "org-parquet-damaged") == 1000
