@@ -48,7 +48,7 @@ from llmtrace.errors import ConfigurationError, LLMTraceError, TraceValidationEr
 from llmtrace.filters import ALL_ORGANIZATIONS, EQUALITY_FILTERS, FLAG_FILTERS, OrganizationScope
 from llmtrace.ingest import validate_traces
 from llmtrace.migrations import upgrade
-from llmtrace.model import LLMTrace, as_utc
+from llmtrace.model import EARLIEST_CREATED_AT, LATEST_CREATED_AT, LLMTrace, as_utc
 from llmtrace.prices import (
     EARLIEST,
     ModelPrice,
@@ -149,7 +149,10 @@ def parse_moment(value: str, *, option: str, now: datetime | None = None) -> dat
     duration = _DURATION.match(value)
     if duration:
         amount, unit = duration.groups()
-        return (now or datetime.now(UTC)) - timedelta(**{_UNITS[unit]: float(amount)})
+        try:
+            return (now or datetime.now(UTC)) - timedelta(**{_UNITS[unit]: float(amount)})
+        except OverflowError:
+            return datetime.min.replace(tzinfo=UTC)  # further back than a datetime reaches
     try:
         return as_utc(datetime.fromisoformat(value))
     except ValueError:
@@ -164,6 +167,14 @@ def time_range(since: str | None, until: str | None) -> tuple[datetime | None, d
     now = datetime.now(UTC)
     start = parse_moment(since, option="'--since'", now=now) if since is not None else None
     end = parse_moment(until, option="'--until'", now=now) if until is not None else None
+    # Bounds beyond what created_at can hold (its column's range) are bounds on nothing: left out, so that the
+    # database is never asked about a moment it cannot represent.
+    if start is not None and start < EARLIEST_CREATED_AT:
+        start = None
+    if end is not None and end > LATEST_CREATED_AT:
+        end = None
+    if end is not None and end < EARLIEST_CREATED_AT:
+        end = EARLIEST_CREATED_AT  # before every trace, as asked
     if start is not None and end is not None and start >= end:
         raise typer.BadParameter(f"--since ({start.isoformat()}) must be before --until ({end.isoformat()})")
     return start, end

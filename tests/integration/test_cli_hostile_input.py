@@ -243,3 +243,30 @@ def test_a_parquet_file_damaged_part_way_says_what_was_stored(
     assert message.startswith("llmtrace: Cannot read the Parquet file: Couldn't deserialize thrift: ")
     assert note == f"1,000 trace(s) of earlier batches of {file} were stored; importing it again skips them."
     assert count(url, "org-parquet-damaged") == 1000
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        (["--since", "999999d"], 3),  # further back than a datetime reaches: every trace
+        (["--since", "0001-01-01"], 3),  # before created_at can be: every trace
+        (["--until", "0500-01-01T00:00:00Z"], 0),
+        (["--until", "99999999w"], 0),
+        (["--since", "1d", "--until", "999999d"], "--since"),  # still refused: the range is empty
+    ],
+)
+def test_times_beyond_what_created_at_can_hold_are_not_an_error(
+    url: str, capsys: pytest.CaptureFixture[str], arguments: list[str], expected: int | str
+) -> None:
+    organization = "org-far-times"
+    repository = TraceRepository(get_engine(url))
+    repository.add_many([make_trace(i, organization_id=organization) for i in range(3)])
+    result = run(capsys, "--url", url, "traces", "--org", organization, "--format", "json", *arguments)
+    if isinstance(expected, str):
+        assert result.code == 2 and "must be before" in result.err, result
+        return
+    assert (result.code, result.err) == (0, ""), result
+    assert len(json.loads(result.out)["traces"]) == expected
+    usage = run(capsys, "--url", url, "usage", "--org", organization, "--by", "", "--format", "json", *arguments)
+    assert (usage.code, usage.err) == (0, ""), usage
+    assert sum(row["requests"] for row in json.loads(usage.out)) == expected
