@@ -494,7 +494,7 @@ def print_trace(console: Console, trace: LLMTrace) -> None:
         console.print(Text(f"\n{name} ({len(payload.encode()):,} bytes)", style="bold"))
         try:
             console.print(JSON(payload))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # not JSON, or nested deeper than the parser goes
             console.print(Text(payload))
 
 

@@ -270,3 +270,13 @@ def test_times_beyond_what_created_at_can_hold_are_not_an_error(
     usage = run(capsys, "--url", url, "usage", "--org", organization, "--by", "", "--format", "json", *arguments)
     assert (usage.code, usage.err) == (0, ""), usage
     assert sum(row["requests"] for row in json.loads(usage.out)) == expected
+
+
+def test_show_prints_a_payload_too_deep_to_pretty_print_as_it_is(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    deep = "[" * 10_000 + "]" * 10_000
+    trace = make_trace(1, organization_id="org-deep-payload", request_json=deep, response_json="NaN")
+    TraceRepository(get_engine(url)).add_many([trace])
+    result = run(capsys, "--url", url, "traces", "--org", "org-deep-payload", "--show", trace.id)
+    assert (result.code, result.err) == (0, ""), result
+    assert f"request_json ({len(deep):,} bytes)\n" in result.out
+    assert deep in result.out.replace("\n", "")  # folded at the console's width
