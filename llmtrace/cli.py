@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import io
 import json
+import logging
 import os
 import re
 import sys
@@ -967,12 +968,24 @@ def prices_refresh(context: typer.Context, url: Url = None) -> None:
     print(f"The default list holds {count:,} prices.")
 
 
+def _quiet_driver_log() -> None:
+    """Keep clickhouse-connect's log records off stderr: the error they precede is reported as llmtrace's one line.
+
+    The driver logs a failed request ("Unexpected Http Driver Exception") before raising it; with no logging set
+    up, Python's last-resort handler would print that above the command's own message.
+    """
+    driver = logging.getLogger("clickhouse_connect")
+    if not any(isinstance(handler, logging.NullHandler) for handler in driver.handlers):
+        driver.addHandler(logging.NullHandler())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return its exit code; llmtrace's own errors become one line on stderr and 1.
 
     Args:
         argv: The arguments after the program's name (default: ``sys.argv[1:]``).
     """
+    _quiet_driver_log()
     try:
         app(args=list(argv) if argv is not None else None, prog_name="llmtrace")
     except SystemExit as exit_:

@@ -15,6 +15,7 @@ import pytest
 from llmtrace import LLMTrace
 from tests.cli_support import llmtrace, repository_call
 from tests.factories import make_trace
+from tests.fault_servers import Fault, fault_server
 
 AWKWARD = "quotes \" ' backslash \\ tab \t newline \n CR \r NUL \x00 comma , semicolon ; -- unicode é 漢字 🚀"
 
@@ -207,3 +208,13 @@ def test_a_missing_extra_is_named(tmp_path: Path, arguments: list[str], package:
         f"which is not installed. It comes with llmtrace's 'reports' extra: pip install 'llmtrace[reports]'.\n"
     )
     assert not (tmp_path / "x.parquet").exists()
+
+
+@pytest.mark.parametrize("command", [["export", "--org", "org-1"], ["usage", "--org", "org-1"]])
+def test_a_server_that_refuses_connections_is_one_line_on_stderr(command: list[str]) -> None:
+    with fault_server(Fault.REFUSE) as port:
+        result = llmtrace(*command, url=f"clickhousedb://default:secret@127.0.0.1:{port}/traces")
+    assert result.returncode == 1
+    # Only llmtrace's own line: nothing the driver logs on the way.
+    assert result.stderr.startswith(f"llmtrace: ClickHouse at 127.0.0.1:{port} refused the connection")
+    assert len(result.stderr.splitlines()) == 1, result.stderr
