@@ -15,8 +15,10 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -251,6 +253,41 @@ def progress_bar(*, in_bytes: bool = False) -> Progress:
     )
 
 
+class Terminated(BaseException):  # a signal, like KeyboardInterrupt: not an Exception for handlers to catch
+    """A termination signal arrived; raised so that what the command was doing is cleaned up on the way out."""
+
+    def __init__(self, signal_number: int) -> None:
+        super().__init__(signal_number)
+        self.signal_number = signal_number
+
+
+# Signals that end a command at someone's request: kill, timeout, systemd (SIGTERM); a closed terminal (SIGHUP).
+TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def signals_raise() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP raise :class:`Terminated` rather than end the process at once.
+
+    Only signals left at their default action are taken over (``nohup`` ignores SIGHUP, and so does this), and only
+    in the main thread, where Python runs signal handlers. :func:`main` ends the process by the signal afterwards.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signal_number: int, frame: object) -> None:
+        raise Terminated(signal_number)
+
+    taken = {number: signal.signal(number, terminate) for number in TERMINATING_SIGNALS
+             if signal.getsignal(number) is signal.SIG_DFL}  # fmt: skip
+    try:
+        yield
+    finally:
+        for number, previous in taken.items():
+            signal.signal(number, previous)
+
+
 @contextmanager
 def binary_output(path: str) -> Iterator[BinaryIO]:
     """Standard output for ``-``; else a temporary file next to ``path``, renamed to it only when all went well."""
@@ -259,21 +296,22 @@ def binary_output(path: str) -> Iterator[BinaryIO]:
         sys.stdout.buffer.flush()
         return
     target = Path(path)
-    try:
-        handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 (renamed or removed below)
-            dir=target.parent, prefix=f".{target.name}.", suffix=".tmp", delete=False
-        )
-    except OSError as exc:
-        raise ConfigurationError(f"Cannot write {path}: {exc.strerror}.") from exc
-    try:
-        with handle:
-            yield handle  # type: ignore[misc]
-        os.replace(handle.name, target)
-    except BaseException as exc:
-        Path(handle.name).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise ConfigurationError(f"Cannot write {path}: {exc.strerror or exc}; nothing was written.") from exc
-        raise
+    with signals_raise():
+        try:
+            handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 (renamed or removed below)
+                dir=target.parent, prefix=f".{target.name}.", suffix=".tmp", delete=False
+            )
+        except OSError as exc:
+            raise ConfigurationError(f"Cannot write {path}: {exc.strerror}.") from exc
+        try:
+            with handle:
+                yield handle  # type: ignore[misc]
+            os.replace(handle.name, target)
+        except BaseException as exc:
+            Path(handle.name).unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise ConfigurationError(f"Cannot write {path}: {exc.strerror or exc}; nothing was written.") from exc
+            raise
 
 
 # -- the commands ---------------------------------------------------------------------------------------------
@@ -995,6 +1033,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         notes = "".join(f"\n{note}" for note in getattr(exc, "__notes__", ()))
         print(f"llmtrace: {exc}{notes}", file=sys.stderr)
         return 1
+    except Terminated as stop:
+        # Cleaned up on the way here; now end as the signal would have, so that the parent sees which one it was.
+        signal.signal(stop.signal_number, signal.SIG_DFL)
+        os.kill(os.getpid(), stop.signal_number)
+        return 128 + stop.signal_number
     except BrokenPipeError:
         # The reader went away (`llmtrace export | head`): stop quietly, as other command-line tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

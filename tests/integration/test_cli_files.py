@@ -7,13 +7,17 @@ repository in another child process (tests.cli_oracle).
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from llmtrace import LLMTrace
-from tests.cli_support import llmtrace, repository_call
+from tests.cli_support import LLMTRACE, llmtrace, repository_call
 from tests.factories import make_trace
 from tests.fault_servers import Fault, fault_server
 
@@ -218,3 +222,26 @@ def test_a_server_that_refuses_connections_is_one_line_on_stderr(command: list[s
     # Only llmtrace's own line: nothing the driver logs on the way.
     assert result.stderr.startswith(f"llmtrace: ClickHouse at 127.0.0.1:{port} refused the connection")
     assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_an_export_stopped_by_a_signal_leaves_no_file(tmp_path: Path) -> None:
+    """SIGTERM (kill, timeout, systemd) and SIGHUP (a closed terminal) end an export without a file left behind.
+
+    The export ends as if the signal had killed it; SIGKILL cannot be caught, and leaves its temporary file
+    (.NAME.*.tmp) next to the target, never a partial file at the target's name.
+    """
+    url = f"chdb:///{tmp_path / 'db'}"
+    assert repository_call(url, tmp_path, "add", traces=[make_trace(i) for i in range(300)]) == 300
+    out = tmp_path / "out"
+    out.mkdir()
+    for signal_number in (signal.SIGTERM, signal.SIGHUP):
+        command = [LLMTRACE, "export", "--org", "org-1", "--batch-size", "1", "-o", str(out / "traces.jsonl")]
+        process = subprocess.Popen(command, env={**os.environ, "LLMTRACE_DATABASE_URL": url}, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while not list(out.iterdir()) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        process.send_signal(signal_number)  # one page of 300 written at most
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == -signal_number, stderr.decode()
+        assert b"Traceback" not in stderr
+        assert list(out.iterdir()) == []
