@@ -77,6 +77,7 @@ def test_export_then_import_round_trips_exactly(
     result = llmtrace("export", "--org", "org-1", "-o", str(exported), "--batch-size", "10", url=source_url)
     assert result.returncode == 0, result.stderr
     assert "Exported 43 trace(s)" in result.stderr
+    assert exported.stat().st_mode & 0o777 == 0o600  # it holds payloads: readable by its owner only
 
     target = f"chdb:///{tmp_path / 'target'}"
     assert llmtrace("migrate", url=target).returncode == 0
@@ -180,6 +181,10 @@ def test_import_from_stdin(tmp_path: Path) -> None:
     result = llmtrace("import", "-", url=url, stdin=data)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "Imported 25 trace(s) from -.\n"
+    # Exactly once from standard input too, in other batches this time.
+    again = llmtrace("import", "-", "--batch-size", "7", url=url, stdin=data)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == "Imported 0 trace(s) from -; 25 skipped (already stored, or repeated in the file).\n"
 
 
 def test_import_into_an_unmigrated_database_says_what_to_do(tmp_path: Path) -> None:
