@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 from alembic.script import ScriptDirectory
 
+from llmtrace.cli import main
 from llmtrace.migrations import PROJECT_ROOT, alembic_config
 from llmtrace.spool import Quarantine, Spool
 from tests.cli_support import BIN, llmtrace, repository_call
+from tests.conftest import embedded_url
 from tests.factories import make_trace
 
 HEAD = ScriptDirectory.from_config(alembic_config()).get_current_head()
@@ -186,3 +188,54 @@ def test_a_data_directory_held_by_another_process_fails_with_its_pid(tmp_path: P
     connection = lines_of(result.stdout)["connection"]
     assert connection.startswith(f"FAIL The embedded ClickHouse data directory {tmp_path / 'db'} is in use by another")
     assert f"(pid {holder.pid})" in connection
+
+
+def spool_line(url: str, spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """The spool check of ``llmtrace doctor --spool-dir``, run in this process."""
+    main(["doctor", "--url", url, "--spool-dir", str(spool_dir)])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and captured.err == "", captured.err
+    return lines_of(captured.out)["spool"]
+
+
+def test_a_quarantine_that_cannot_be_read_is_a_warning(
+    chdb_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = embedded_url(chdb_dir, "doctor_spool")  # not migrated: the spool is checked all the same
+    in_the_way = tmp_path / "file-in-the-way"
+    (in_the_way / "quarantine").parent.mkdir()
+    (in_the_way / "quarantine").write_text("not a directory")
+    spool = spool_line(url, in_the_way, capsys)
+    quarantine = in_the_way / "quarantine" / "quarantine.jsonl"
+    assert spool.startswith(
+        f"WARN {in_the_way}: 0 file(s) waiting for doctor_spool.llm_traces; the quarantine cannot be read "
+        f"({quarantine}: Not a directory)"
+    ), spool
+    assert "-> make it a directory" in spool
+
+    directory_in_the_way = tmp_path / "directory-in-the-way"
+    (directory_in_the_way / "quarantine" / "quarantine.jsonl").mkdir(parents=True)
+    spool = spool_line(url, directory_in_the_way, capsys)
+    assert spool.startswith("WARN ") and "the quarantine cannot be read" in spool and "Is a directory" in spool
+
+
+def test_spool_files_that_cannot_be_replayed_are_counted(
+    chdb_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = embedded_url(chdb_dir, "doctor_spool")
+    spool_dir = tmp_path / "spool"
+    mine = Spool(spool_dir, destination="doctor_spool.llm_traces")
+    mine.append([make_trace(i) for i in range(3)])
+    mine.rotate()
+    [damaged] = spool_dir.glob("*.spool")
+    data = bytearray(damaged.read_bytes())
+    data[20] ^= 0xFF  # in the header's body: its checksum no longer matches
+    damaged.write_bytes(bytes(data))
+    (spool_dir / "notes.spool").write_text("not a spool file at all")
+    spool = spool_line(url, spool_dir, capsys)
+    assert spool == (
+        f"WARN {spool_dir}: 0 file(s) waiting for doctor_spool.llm_traces; 1 with a damaged header, "
+        "1 not a spool file\n"
+        "-> the traces of a file with a damaged header cannot be replayed: a writer's replay moves it to the "
+        "quarantine, for a person to look at"
+    )
