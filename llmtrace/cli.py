@@ -47,11 +47,11 @@ from rich.text import Text
 from llmtrace import doctor as health
 from llmtrace import trace_files, usage_chart, usage_report
 from llmtrace.engine import ENV_VAR, get_engine, redacted, resolve_url
-from llmtrace.errors import ConfigurationError, LLMTraceError, TraceValidationError
+from llmtrace.errors import ConfigurationError, InvalidCursor, LLMTraceError, TraceValidationError
 from llmtrace.filters import ALL_ORGANIZATIONS, EQUALITY_FILTERS, FLAG_FILTERS, OrganizationScope
 from llmtrace.ingest import validate_traces
 from llmtrace.migrations import upgrade
-from llmtrace.model import EARLIEST_CREATED_AT, LATEST_CREATED_AT, LLMTrace, as_utc
+from llmtrace.model import EARLIEST_CREATED_AT, EPOCH, LATEST_CREATED_AT, LLMTrace, as_utc, epoch_micros
 from llmtrace.prices import (
     EARLIEST,
     ModelPrice,
@@ -165,9 +165,11 @@ def parse_moment(value: str, *, option: str, now: datetime | None = None) -> dat
         ) from None
 
 
-def time_range(since: str | None, until: str | None) -> tuple[datetime | None, datetime | None]:
-    """``--since`` and ``--until`` as datetimes, measured from one "now"."""
-    now = datetime.now(UTC)
+def time_range(
+    since: str | None, until: str | None, *, now: datetime | None = None
+) -> tuple[datetime | None, datetime | None]:
+    """``--since`` and ``--until`` as datetimes, durations measured from one "now" (default: the current time)."""
+    now = now or datetime.now(UTC)
     start = parse_moment(since, option="'--since'", now=now) if since is not None else None
     end = parse_moment(until, option="'--until'", now=now) if until is not None else None
     # Bounds beyond what created_at can hold (its column's range) are bounds on nothing: left out, so that the
@@ -181,6 +183,27 @@ def time_range(since: str | None, until: str | None) -> tuple[datetime | None, d
     if start is not None and end is not None and start >= end:
         raise typer.BadParameter(f"--since ({start.isoformat()}) must be before --until ({end.isoformat()})")
     return start, end
+
+
+def is_relative(*moments: str | None) -> bool:
+    """Whether any of these ``--since``/``--until`` values is a duration back from now (not an ISO date)."""
+    return any(moment is not None and _DURATION.match(moment) for moment in moments)
+
+
+def split_cursor(cursor: str | None) -> tuple[str | None, datetime | None]:
+    """A cursor ``traces`` printed: the repository's, and the instant its relative times were measured from, if any.
+
+    ``--since 7d`` means another instant at every run, and a cursor belongs to the filters of the page that issued
+    it; so when the times are relative, the printed cursor carries the first page's "now" after a ``.`` (which a
+    repository cursor, base64url, never holds), and the next pages measure from it.
+    """
+    if cursor is None or "." not in cursor:
+        return cursor, None
+    page, _, micros = cursor.rpartition(".")
+    try:
+        return page, EPOCH + timedelta(microseconds=int(micros))
+    except (ValueError, OverflowError):
+        raise InvalidCursor("Malformed cursor: pass back exactly the next_cursor of a previous page.") from None
 
 
 def parse_where(conditions: Sequence[str] | None) -> dict[str, Any]:
@@ -468,7 +491,9 @@ def traces(
     """List an organization's traces, newest first, a page at a time; or show one with --show ID."""
     scope = organization_scope(org, False)
     assert isinstance(scope, str)
-    start, end = time_range(since, until)
+    page_cursor, measured_from = split_cursor(cursor)
+    now = measured_from or datetime.now(UTC)
+    start, end = time_range(since, until, now=now)
     filters = parse_where(where)
     repository = TraceRepository(get_engine(database_url(context, url)))
     if show is not None:
@@ -478,17 +503,20 @@ def traces(
         else:
             print_trace(stdout_console(), trace)
         return
-    page = repository.list(scope, since=start, until=end, limit=limit, cursor=cursor, **filters)
+    page = repository.list(scope, since=start, until=end, limit=limit, cursor=page_cursor, **filters)
+    next_cursor = page.next_cursor
+    if next_cursor is not None and is_relative(since, until):
+        next_cursor += f".{epoch_micros(now)}"
     if output_format is ListFormat.JSON:
         items = [trace.model_dump(mode="json") for trace in page.items]
-        json.dump({"traces": items, "next_cursor": page.next_cursor}, sys.stdout, ensure_ascii=False, indent=2)
+        json.dump({"traces": items, "next_cursor": next_cursor}, sys.stdout, ensure_ascii=False, indent=2)
         print()
         return
     console = stdout_console()
     console.print(Text(f"Traces of {scope}, newest first", style="bold"))
     console.print(traces_table(page.items))
-    if page.next_cursor is not None:
-        console.print(Text(f"Next page: --cursor {page.next_cursor}"))
+    if next_cursor is not None:
+        console.print(Text(f"Next page: --cursor {next_cursor}"))
 
 
 def traces_table(items: Sequence[LLMTrace]) -> Table:

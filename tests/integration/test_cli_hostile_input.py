@@ -13,6 +13,7 @@ import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -280,3 +281,27 @@ def test_show_prints_a_payload_too_deep_to_pretty_print_as_it_is(url: str, capsy
     assert (result.code, result.err) == (0, ""), result
     assert f"request_json ({len(deep):,} bytes)\n" in result.out
     assert deep in result.out.replace("\n", "")  # folded at the console's width
+
+
+def test_pages_of_a_relative_time_range_follow_one_another(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--since 7d`` means another instant at each run: the next page's cursor still belongs to the first page's."""
+    organization = "org-relative-pages"
+    recent = datetime.now(UTC) - timedelta(hours=1)
+    traces = [make_trace(i, organization_id=organization, created_at=recent - timedelta(seconds=i)) for i in range(5)]
+    TraceRepository(get_engine(url)).add_many(traces)
+    seen: list[str] = []
+    cursor: list[str] = []
+    for _ in range(3):
+        result = run(capsys, "--url", url, "traces", "--org", organization, "--since", "7d", "--until", "1s",
+                     "--limit", "2", "--format", "json", *cursor)  # fmt: skip
+        assert (result.code, result.err) == (0, ""), result
+        page = json.loads(result.out)
+        seen += [item["id"] for item in page["traces"]]
+        cursor = ["--cursor", page["next_cursor"]] if page["next_cursor"] else []
+    assert seen == [trace.id for trace in traces] and cursor == []
+    table = run(capsys, "--url", url, "traces", "--org", organization, "--since", "7d", "--limit", "4")
+    next_page = table.out.splitlines()[-1].removeprefix("Next page: --cursor ")
+    last = run(capsys, "--url", url, "traces", "--org", organization, "--since", "7d", "--cursor", next_page)
+    assert last.code == 0 and traces[4].id in last.out, last
+    other = run(capsys, "--url", url, "traces", "--org", organization, "--since", "8d", "--cursor", next_page)
+    assert other.code == 1 and "issued for other filters" in other.err
