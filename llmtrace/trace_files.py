@@ -120,11 +120,17 @@ def _refuse_binary(stream: BinaryIO, format_name: str) -> None:
     peek = getattr(stream, "peek", None)
     if peek is None:
         return
-    start = peek(8)[:8]
+    head = peek(8)
     for signature, what, advice in BINARY_SIGNATURES:
-        if start.startswith(signature):
+        if head.startswith(signature):
             label = "JSON Lines" if format_name == "jsonl" else "CSV"
             raise ConfigurationError(f"The input is {what}, not {label} text: {advice.replace('FORMAT', format_name)}.")
+    # A .json file is read as JSON Lines; many .json files hold one array of objects instead.
+    if format_name == "jsonl" and head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+        raise ConfigurationError(
+            "The input is a JSON array, not JSON Lines (one trace object per line): convert it first "
+            "(jq -c '.[]' FILE | llmtrace import -)."
+        )
 
 
 class _RepeatedKeyError(ValueError):

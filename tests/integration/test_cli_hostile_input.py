@@ -97,8 +97,10 @@ def test_json_lines_that_are_ambiguous_or_too_deep_are_reported_by_line_and_fiel
         ),
         ("traces.jsonl", b"PAR1\x15\x04", "The input is a Parquet file, not JSON Lines text: name it *.parquet or "
          "pass --format parquet."),
+        ("traces.json", b'\n [\n  {"id": "1"},\n  {"id": "2"}\n]\n', "The input is a JSON array, not JSON Lines "
+         "(one trace object per line): convert it first (jq -c '.[]' FILE | llmtrace import -)."),
     ],
-    ids=["gzip-as-jsonl", "gzip-as-csv", "parquet-as-jsonl"],
+    ids=["gzip-as-jsonl", "gzip-as-csv", "parquet-as-jsonl", "json-array"],
 )  # fmt: skip
 def test_a_compressed_or_parquet_file_given_as_text_is_named(
     url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, content: bytes, message: str
