@@ -239,3 +239,20 @@ def test_spool_files_that_cannot_be_replayed_are_counted(
         "-> the traces of a file with a damaged header cannot be replayed: a writer's replay moves it to the "
         "quarantine, for a person to look at"
     )
+
+
+@pytest.mark.parametrize(
+    "url", ["clickhousedb://default:secret@127.0.0.1:eighty/traces", "clickhousedb://default:secret@[::1/traces"]
+)
+def test_a_url_with_a_malformed_host_or_port_is_a_failed_check_and_an_error(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["doctor", "--url", url]) == 1
+    out, err = capsys.readouterr()
+    assert err == ""
+    connection = lines_of(out)["connection"]
+    assert connection.startswith("FAIL Cannot parse the database URL 'clickhousedb://default:***@")
+    assert "secret" not in out
+    assert main(["usage", "--org", "org-1", "--url", url]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("llmtrace: Cannot parse the database URL") and len(err.splitlines()) == 1
