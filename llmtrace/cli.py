@@ -15,9 +15,9 @@ import json
 import logging
 import os
 import re
+import secrets
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -319,22 +319,32 @@ def binary_output(path: str) -> Iterator[BinaryIO]:
         sys.stdout.buffer.flush()
         return
     target = Path(path)
+    # Named before it is created, so that a signal arriving the moment it is created still finds it to remove.
+    temporary = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
     with signals_raise():
         try:
-            handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 (renamed or removed below)
-                dir=target.parent, prefix=f".{target.name}.", suffix=".tmp", delete=False
-            )
+            handle = open(temporary, "xb", opener=_owner_only)  # noqa: SIM115 (closed, renamed or removed below)
+        except FileExistsError as exc:  # another file by that name, which is not ours to remove
+            raise ConfigurationError(f"Cannot write {path}: {temporary} exists; try again.") from exc
         except OSError as exc:
             raise ConfigurationError(f"Cannot write {path}: {exc.strerror}.") from exc
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
         try:
             with handle:
-                yield handle  # type: ignore[misc]
-            os.replace(handle.name, target)
+                yield handle
+            os.replace(temporary, target)
         except BaseException as exc:
-            Path(handle.name).unlink(missing_ok=True)
+            temporary.unlink(missing_ok=True)
             if isinstance(exc, OSError):
                 raise ConfigurationError(f"Cannot write {path}: {exc.strerror or exc}; nothing was written.") from exc
             raise
+
+
+def _owner_only(path: str, flags: int) -> int:
+    """Open a new file readable and writable by its owner only: an export holds payloads."""
+    return os.open(path, flags, 0o600)
 
 
 # -- the commands ---------------------------------------------------------------------------------------------
