@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 from alembic.script import ScriptDirectory
+from sqlalchemy import text
 
+from llmtrace import get_engine
 from llmtrace.cli import main
-from llmtrace.migrations import PROJECT_ROOT, alembic_config
+from llmtrace.migrations import PROJECT_ROOT, alembic_config, upgrade
 from llmtrace.spool import Quarantine, Spool
 from tests.cli_support import BIN, llmtrace, repository_call
 from tests.conftest import embedded_url
@@ -256,3 +258,22 @@ def test_a_url_with_a_malformed_host_or_port_is_a_failed_check_and_an_error(
     assert main(["usage", "--org", "org-1", "--url", url]) == 1
     err = capsys.readouterr().err
     assert err.startswith("llmtrace: Cannot parse the database URL") and len(err.splitlines()) == 1
+
+
+def test_a_hand_made_ttl_and_a_missing_rollup_are_warnings(
+    database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    engine = get_engine(database_url)
+    upgrade(engine)
+    with engine.connect() as connection:
+        for statement in (
+            "ALTER TABLE llm_traces MODIFY TTL toDateTime(created_at) + INTERVAL 30 DAY DELETE WHERE is_error",
+            "DROP TABLE llm_usage_hourly_mv",
+            "DROP TABLE llm_usage_hourly",
+        ):
+            connection.execute(text(statement))
+    code = main(["doctor", "--url", database_url])
+    checks = lines_of(capsys.readouterr().out)
+    assert code == 0, checks  # warnings only
+    assert checks["retention"].startswith("WARN ") and "remove that TTL" in checks["retention"]
+    assert checks["rollup"] == ("WARN no hourly rollup: every report scans the traces\n-> run `llmtrace migrate`")
