@@ -12,10 +12,13 @@ from __future__ import annotations
 import enum
 import io
 import json
+import logging
 import os
 import re
+import secrets
+import signal
 import sys
-import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -44,11 +47,11 @@ from rich.text import Text
 from llmtrace import doctor as health
 from llmtrace import trace_files, usage_chart, usage_report
 from llmtrace.engine import ENV_VAR, get_engine, redacted, resolve_url
-from llmtrace.errors import ConfigurationError, LLMTraceError, TraceValidationError
+from llmtrace.errors import ConfigurationError, InvalidCursor, LLMTraceError, TraceValidationError
 from llmtrace.filters import ALL_ORGANIZATIONS, EQUALITY_FILTERS, FLAG_FILTERS, OrganizationScope
 from llmtrace.ingest import validate_traces
 from llmtrace.migrations import upgrade
-from llmtrace.model import LLMTrace, as_utc
+from llmtrace.model import EARLIEST_CREATED_AT, EPOCH, LATEST_CREATED_AT, LLMTrace, as_utc, epoch_micros
 from llmtrace.prices import (
     EARLIEST,
     ModelPrice,
@@ -149,7 +152,10 @@ def parse_moment(value: str, *, option: str, now: datetime | None = None) -> dat
     duration = _DURATION.match(value)
     if duration:
         amount, unit = duration.groups()
-        return (now or datetime.now(UTC)) - timedelta(**{_UNITS[unit]: float(amount)})
+        try:
+            return (now or datetime.now(UTC)) - timedelta(**{_UNITS[unit]: float(amount)})
+        except OverflowError:
+            return datetime.min.replace(tzinfo=UTC)  # further back than a datetime reaches
     try:
         return as_utc(datetime.fromisoformat(value))
     except ValueError:
@@ -159,14 +165,45 @@ def parse_moment(value: str, *, option: str, now: datetime | None = None) -> dat
         ) from None
 
 
-def time_range(since: str | None, until: str | None) -> tuple[datetime | None, datetime | None]:
-    """``--since`` and ``--until`` as datetimes, measured from one "now"."""
-    now = datetime.now(UTC)
+def time_range(
+    since: str | None, until: str | None, *, now: datetime | None = None
+) -> tuple[datetime | None, datetime | None]:
+    """``--since`` and ``--until`` as datetimes, durations measured from one "now" (default: the current time)."""
+    now = now or datetime.now(UTC)
     start = parse_moment(since, option="'--since'", now=now) if since is not None else None
     end = parse_moment(until, option="'--until'", now=now) if until is not None else None
+    # Bounds beyond what created_at can hold (its column's range) are bounds on nothing: left out, so that the
+    # database is never asked about a moment it cannot represent.
+    if start is not None and start < EARLIEST_CREATED_AT:
+        start = None
+    if end is not None and end > LATEST_CREATED_AT:
+        end = None
+    if end is not None and end < EARLIEST_CREATED_AT:
+        end = EARLIEST_CREATED_AT  # before every trace, as asked
     if start is not None and end is not None and start >= end:
         raise typer.BadParameter(f"--since ({start.isoformat()}) must be before --until ({end.isoformat()})")
     return start, end
+
+
+def is_relative(*moments: str | None) -> bool:
+    """Whether any of these ``--since``/``--until`` values is a duration back from now (not an ISO date)."""
+    return any(moment is not None and _DURATION.match(moment) for moment in moments)
+
+
+def split_cursor(cursor: str | None) -> tuple[str | None, datetime | None]:
+    """A cursor ``traces`` printed: the repository's, and the instant its relative times were measured from, if any.
+
+    ``--since 7d`` means another instant at every run, and a cursor belongs to the filters of the page that issued
+    it; so when the times are relative, the printed cursor carries the first page's "now" after a ``.`` (which a
+    repository cursor, base64url, never holds), and the next pages measure from it.
+    """
+    if cursor is None or "." not in cursor:
+        return cursor, None
+    page, _, micros = cursor.rpartition(".")
+    try:
+        return page, EPOCH + timedelta(microseconds=int(micros))
+    except (ValueError, OverflowError):
+        raise InvalidCursor("Malformed cursor: pass back exactly the next_cursor of a previous page.") from None
 
 
 def parse_where(conditions: Sequence[str] | None) -> dict[str, Any]:
@@ -239,6 +276,41 @@ def progress_bar(*, in_bytes: bool = False) -> Progress:
     )
 
 
+class Terminated(BaseException):  # a signal, like KeyboardInterrupt: not an Exception for handlers to catch
+    """A termination signal arrived; raised so that what the command was doing is cleaned up on the way out."""
+
+    def __init__(self, signal_number: int) -> None:
+        super().__init__(signal_number)
+        self.signal_number = signal_number
+
+
+# Signals that end a command at someone's request: kill, timeout, systemd (SIGTERM); a closed terminal (SIGHUP).
+TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def signals_raise() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP raise :class:`Terminated` rather than end the process at once.
+
+    Only signals left at their default action are taken over (``nohup`` ignores SIGHUP, and so does this), and only
+    in the main thread, where Python runs signal handlers. :func:`main` ends the process by the signal afterwards.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signal_number: int, frame: object) -> None:
+        raise Terminated(signal_number)
+
+    taken = {number: signal.signal(number, terminate) for number in TERMINATING_SIGNALS
+             if signal.getsignal(number) is signal.SIG_DFL}  # fmt: skip
+    try:
+        yield
+    finally:
+        for number, previous in taken.items():
+            signal.signal(number, previous)
+
+
 @contextmanager
 def binary_output(path: str) -> Iterator[BinaryIO]:
     """Standard output for ``-``; else a temporary file next to ``path``, renamed to it only when all went well."""
@@ -247,21 +319,32 @@ def binary_output(path: str) -> Iterator[BinaryIO]:
         sys.stdout.buffer.flush()
         return
     target = Path(path)
-    try:
-        handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 (renamed or removed below)
-            dir=target.parent, prefix=f".{target.name}.", suffix=".tmp", delete=False
-        )
-    except OSError as exc:
-        raise ConfigurationError(f"Cannot write {path}: {exc.strerror}.") from exc
-    try:
-        with handle:
-            yield handle  # type: ignore[misc]
-        os.replace(handle.name, target)
-    except BaseException as exc:
-        Path(handle.name).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise ConfigurationError(f"Cannot write {path}: {exc.strerror or exc}; nothing was written.") from exc
-        raise
+    # Named before it is created, so that a signal arriving the moment it is created still finds it to remove.
+    temporary = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+    with signals_raise():
+        try:
+            handle = open(temporary, "xb", opener=_owner_only)  # noqa: SIM115 (closed, renamed or removed below)
+        except FileExistsError as exc:  # another file by that name, which is not ours to remove
+            raise ConfigurationError(f"Cannot write {path}: {temporary} exists; try again.") from exc
+        except OSError as exc:
+            raise ConfigurationError(f"Cannot write {path}: {exc.strerror}.") from exc
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        try:
+            with handle:
+                yield handle
+            os.replace(temporary, target)
+        except BaseException as exc:
+            temporary.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise ConfigurationError(f"Cannot write {path}: {exc.strerror or exc}; nothing was written.") from exc
+            raise
+
+
+def _owner_only(path: str, flags: int) -> int:
+    """Open a new file readable and writable by its owner only: an export holds payloads."""
+    return os.open(path, flags, 0o600)
 
 
 # -- the commands ---------------------------------------------------------------------------------------------
@@ -418,7 +501,9 @@ def traces(
     """List an organization's traces, newest first, a page at a time; or show one with --show ID."""
     scope = organization_scope(org, False)
     assert isinstance(scope, str)
-    start, end = time_range(since, until)
+    page_cursor, measured_from = split_cursor(cursor)
+    now = measured_from or datetime.now(UTC)
+    start, end = time_range(since, until, now=now)
     filters = parse_where(where)
     repository = TraceRepository(get_engine(database_url(context, url)))
     if show is not None:
@@ -428,17 +513,20 @@ def traces(
         else:
             print_trace(stdout_console(), trace)
         return
-    page = repository.list(scope, since=start, until=end, limit=limit, cursor=cursor, **filters)
+    page = repository.list(scope, since=start, until=end, limit=limit, cursor=page_cursor, **filters)
+    next_cursor = page.next_cursor
+    if next_cursor is not None and is_relative(since, until):
+        next_cursor += f".{epoch_micros(now)}"
     if output_format is ListFormat.JSON:
         items = [trace.model_dump(mode="json") for trace in page.items]
-        json.dump({"traces": items, "next_cursor": page.next_cursor}, sys.stdout, ensure_ascii=False, indent=2)
+        json.dump({"traces": items, "next_cursor": next_cursor}, sys.stdout, ensure_ascii=False, indent=2)
         print()
         return
     console = stdout_console()
     console.print(Text(f"Traces of {scope}, newest first", style="bold"))
     console.print(traces_table(page.items))
-    if page.next_cursor is not None:
-        console.print(Text(f"Next page: --cursor {page.next_cursor}"))
+    if next_cursor is not None:
+        console.print(Text(f"Next page: --cursor {next_cursor}"))
 
 
 def traces_table(items: Sequence[LLMTrace]) -> Table:
@@ -483,7 +571,7 @@ def print_trace(console: Console, trace: LLMTrace) -> None:
         console.print(Text(f"\n{name} ({len(payload.encode()):,} bytes)", style="bold"))
         try:
             console.print(JSON(payload))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # not JSON, or nested deeper than the parser goes
             console.print(Text(payload))
 
 
@@ -515,21 +603,29 @@ def import_traces(
             total = _size_of(stream)
             items = trace_files.read_items(io.BufferedReader(counter), name)
         read = stored = 0
+        position = trace_files.position_name(name)
         with progress_bar(in_bytes=name != "parquet") as progress:
             task = progress.add_task(f"importing {file}", total=total)
-            for batch in chunks(items, batch_size):
-                traces_of_batch = validated_batch(
-                    batch, position=trace_files.position_name(name), file=file, stored=stored
-                )
-                try:
-                    stored += repository.add_many(traces_of_batch, batch_size=batch_size)
-                except LLMTraceError as exc:
+            try:
+                for batch in chunks(items, batch_size):
+                    numbers, traces_of_batch = validated_batch(batch, position=position, file=file, stored=stored)
+                    try:
+                        stored += repository.add_many(traces_of_batch, batch_size=batch_size)
+                    except TraceValidationError as exc:
+                        # What only the database can tell (a trace past the table's retention), by line as well.
+                        problems = [(numbers[index], field, message) for index, field, message in exc.problems]
+                        raise rejected_batch(batch, problems, position=position, file=file, stored=stored) from None
+                    read += len(batch)
+                    progress.update(task, completed=read if name == "parquet" else counter.count)
+            except ImportRejectedError:
+                raise  # says what earlier batches stored
+            except LLMTraceError as exc:
+                # The database failed, or the file turned out to be damaged part-way.
+                if read:
                     exc.add_note(
                         f"{stored:,} trace(s) of earlier batches of {file} were stored; importing it again skips them."
                     )
-                    raise
-                read += len(batch)
-                progress.update(task, completed=read if name == "parquet" else counter.count)
+                raise
     skipped = read - stored
     print(
         f"Imported {stored:,} trace(s) from {file}"
@@ -567,8 +663,12 @@ MAX_PROBLEMS_SHOWN = 50
 
 def validated_batch(
     batch: Sequence[tuple[int, trace_files.Item]], *, position: str, file: str, stored: int
-) -> list[LLMTrace]:
-    """The traces of one batch of a file, or :class:`ImportRejectedError` listing every problem by line and field."""
+) -> tuple[list[int], list[LLMTrace]]:
+    """The line (or row) numbers and traces of one batch of a file.
+
+    Raises:
+        ImportRejectedError: Listing every problem of the batch by line and field.
+    """
     problems = [
         (number, item.field, item.message) for number, item in batch if isinstance(item, trace_files.Unreadable)
     ]
@@ -578,14 +678,26 @@ def validated_batch(
         traces = validate_traces([item for _, item in readable], start=0)
     except TraceValidationError as exc:
         problems += [(readable[index][0], field, message) for index, field, message in exc.problems]
-    if not problems:
-        return traces
-    problems.sort()
+    if problems:
+        raise rejected_batch(batch, problems, position=position, file=file, stored=stored)
+    return [number for number, _ in readable], traces
+
+
+def rejected_batch(
+    batch: Sequence[tuple[int, trace_files.Item]],
+    problems: list[tuple[int, str, str]],
+    *,
+    position: str,
+    file: str,
+    stored: int,
+) -> ImportRejectedError:
+    """The error that stops an import at a batch with problems, each given as (line or row number, field, problem)."""
+    problems = sorted(problems)
     first, last = batch[0][0], batch[-1][0]
     lines = [f"  {position} {number}, {field}: {message}" for number, field, message in problems[:MAX_PROBLEMS_SHOWN]]
     if len(problems) > MAX_PROBLEMS_SHOWN:
         lines.append(f"  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more")
-    raise ImportRejectedError(
+    return ImportRejectedError(
         f"{file}: {len(problems)} problem(s) in {position}s {first} to {last}; nothing of that batch was written"
         f" ({stored:,} trace(s) of earlier batches were stored; importing the file again skips them):\n"
         + "\n".join(lines)
@@ -932,12 +1044,24 @@ def prices_refresh(context: typer.Context, url: Url = None) -> None:
     print(f"The default list holds {count:,} prices.")
 
 
+def _quiet_driver_log() -> None:
+    """Keep clickhouse-connect's log records off stderr: the error they precede is reported as llmtrace's one line.
+
+    The driver logs a failed request ("Unexpected Http Driver Exception") before raising it; with no logging set
+    up, Python's last-resort handler would print that above the command's own message.
+    """
+    driver = logging.getLogger("clickhouse_connect")
+    if not any(isinstance(handler, logging.NullHandler) for handler in driver.handlers):
+        driver.addHandler(logging.NullHandler())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return its exit code; llmtrace's own errors become one line on stderr and 1.
 
     Args:
         argv: The arguments after the program's name (default: ``sys.argv[1:]``).
     """
+    _quiet_driver_log()
     try:
         app(args=list(argv) if argv is not None else None, prog_name="llmtrace")
     except SystemExit as exit_:
@@ -947,6 +1071,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         notes = "".join(f"\n{note}" for note in getattr(exc, "__notes__", ()))
         print(f"llmtrace: {exc}{notes}", file=sys.stderr)
         return 1
+    except Terminated as stop:
+        # Cleaned up on the way here; now end as the signal would have, so that the parent sees which one it was.
+        signal.signal(stop.signal_number, signal.SIG_DFL)
+        os.kill(os.getpid(), stop.signal_number)
+        return 128 + stop.signal_number
     except BrokenPipeError:
         # The reader went away (`llmtrace export | head`): stop quietly, as other command-line tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -288,17 +288,34 @@ def spool_check(directory: Path, *, destination: str | None) -> Check:
             f"{directory} does not exist (nothing was ever spooled there, or this is not the writer's spool_dir)",
             "pass the spool_dir of the TraceWriter",
         )
-    mine = others = 0
+    try:
+        paths = list(directory.iterdir())
+    except OSError as exc:
+        return Check(
+            Status.FAIL,
+            name,
+            f"{directory} cannot be read ({exc.strerror or exc})",
+            "give the writers, and the user running doctor, access to it",
+        )
+    mine = others = damaged = foreign = 0
     size = 0
     oldest: float | None = None
-    for path in directory.iterdir():
+    for path in paths:
         if not path.name.endswith(SUFFIX) or path.name.startswith(".") or not path.is_file():
             continue
         try:
             with open(path, "rb") as handle:
-                header, _ = read_file_header(handle.fileno())
                 stat = os.fstat(handle.fileno())
-        except (OSError, NotASpoolFile):
+                header, _ = read_file_header(handle.fileno())
+        except NotASpoolFile as exc:
+            # Replay moves a file whose header is damaged to the quarantine (its traces' destination is unknown),
+            # removes an empty one and leaves a foreign one alone.
+            if exc.ours:
+                damaged += 1
+            elif stat.st_size:
+                foreign += 1
+            continue
+        except OSError:
             continue
         size += stat.st_size
         oldest = stat.st_mtime if oldest is None else min(oldest, stat.st_mtime)
@@ -306,20 +323,36 @@ def spool_check(directory: Path, *, destination: str | None) -> Check:
             mine += 1
         else:
             others += 1
-    quarantined = _lines(directory / QUARANTINE_DIRECTORY / QUARANTINE_FILE)
     found = f"{directory}: {mine} file(s) waiting for {destination or 'this database'}"
     if others:
         found += f", {others} for other databases"
     if mine or others:
         age = time.time() - (oldest or time.time())
         found += f", {_size(size)}, oldest {age:,.0f} s old"
+    unreplayable = [f"{damaged} with a damaged header"] if damaged else []
+    unreplayable += [f"{foreign} not a spool file"] if foreign else []
+    if unreplayable:
+        found += "; " + ", ".join(unreplayable)
+    quarantine = directory / QUARANTINE_DIRECTORY / QUARANTINE_FILE
+    try:
+        quarantined = _lines(quarantine)
+    except OSError as exc:
+        return Check(
+            Status.WARN,
+            name,
+            f"{found}; the quarantine cannot be read ({quarantine}: {exc.strerror or exc})",
+            "make it a directory the writers can write to: replay sets aside there what it must not retry forever",
+        )
     if quarantined:
         found += f"; {quarantined} quarantine entr{'y' if quarantined == 1 else 'ies'}"
+        return Check(Status.WARN, name, found, f"traces set aside need a person: read {quarantine}")
+    if damaged:
         return Check(
             Status.WARN,
             name,
             found,
-            f"traces set aside need a person: read {directory / QUARANTINE_DIRECTORY / QUARANTINE_FILE}",
+            "the traces of a file with a damaged header cannot be replayed: a writer's replay moves it to the "
+            "quarantine, for a person to look at",
         )
     if mine and time.time() - (oldest or time.time()) > STALE_SPOOL_SECONDS:
         return Check(

@@ -133,7 +133,7 @@ def get_engine(url: str | URL | None = None, **engine_kwargs: Any) -> Engine:
     raw = resolve_url(url)
     try:
         parsed = make_url(raw)
-    except ArgumentError as exc:
+    except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number ("host:eighty", "[::1")
         raise ConfigurationError(
             f"Cannot parse the database URL {redacted(raw)!r}: {exc}. "
             "Expected chdb:///dir for the embedded engine or clickhousedb://user:pass@host:8123/db for a server."

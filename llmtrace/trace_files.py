@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -43,6 +44,17 @@ FLAG_FIELDS = frozenset({"is_byok", "is_error"})
 LIST_FIELDS = frozenset({"agent_tags"})
 # Large enough to be read efficiently, small enough to bound memory: pyarrow's batches when reading Parquet.
 PARQUET_READ_BATCH = 1_000
+# The longest CSV cell read; the csv module's default, 128 KiB, is shorter than many payloads.
+CSV_FIELD_SIZE_LIMIT = 2**31 - 1
+# How files that are not text start: a JSON Lines or CSV import given one says what it is, not a problem per line.
+BINARY_SIGNATURES = (
+    (b"\x1f\x8b", "gzip-compressed", "decompress it first (gunzip -c FILE | llmtrace import --format FORMAT -)"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed", "decompress it first (zstd -dc FILE | llmtrace import --format FORMAT -)"),
+    (b"BZh", "bzip2-compressed", "decompress it first (bzip2 -dc FILE | llmtrace import --format FORMAT -)"),
+    (b"\xfd7zXZ\x00", "xz-compressed", "decompress it first (xz -dc FILE | llmtrace import --format FORMAT -)"),
+    (b"PK\x03\x04", "a zip archive", "extract the file from it first"),
+    (b"PAR1", "a Parquet file", "name it *.parquet or pass --format parquet"),
+)
 
 
 @dataclass(frozen=True)
@@ -91,12 +103,49 @@ def read_items(stream: BinaryIO, format_name: str) -> Iterator[tuple[int, Item]]
         stream: The file, opened in binary mode (standard input's buffer for ``-``). A Parquet file needs a
             seekable stream; standard input is read into memory first.
         format_name: One of :data:`FORMATS`.
+
+    Raises:
+        ConfigurationError: A JSON Lines or CSV file starts as a compressed, archived or Parquet file does (checked
+            when ``stream`` can be peeked at, as buffered files and standard input can).
     """
+    if format_name == "parquet":
+        return _read_parquet(stream)
+    _refuse_binary(stream, format_name)
     if format_name == "jsonl":
         return _read_jsonl(stream)
-    if format_name == "csv":
-        return _read_csv(stream)
-    return _read_parquet(stream)
+    return _read_csv(stream)
+
+
+def _refuse_binary(stream: BinaryIO, format_name: str) -> None:
+    peek = getattr(stream, "peek", None)
+    if peek is None:
+        return
+    head = peek(8)
+    for signature, what, advice in BINARY_SIGNATURES:
+        if head.startswith(signature):
+            label = "JSON Lines" if format_name == "jsonl" else "CSV"
+            raise ConfigurationError(f"The input is {what}, not {label} text: {advice.replace('FORMAT', format_name)}.")
+    # A .json file is read as JSON Lines; many .json files hold one array of objects instead.
+    if format_name == "jsonl" and head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+        raise ConfigurationError(
+            "The input is a JSON array, not JSON Lines (one trace object per line): convert it first "
+            "(jq -c '.[]' FILE | llmtrace import -)."
+        )
+
+
+class _RepeatedKeyError(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _refuse_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of repeated keys without a word: a line that names organization_id twice would be
+    # stored in whichever organization comes last. Such a line is ambiguous, and refused.
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        raise _RepeatedKeyError(next(key for key, count in Counter(key for key, _ in pairs).items() if count > 1))
+    return value
 
 
 def _read_jsonl(stream: BinaryIO) -> Iterator[tuple[int, Item]]:
@@ -104,12 +153,18 @@ def _read_jsonl(stream: BinaryIO) -> Iterator[tuple[int, Item]]:
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
+            value = json.loads(line, object_pairs_hook=_refuse_repeated_keys)
         except UnicodeDecodeError as exc:
             yield number, Unreadable("(line)", f"not UTF-8 text: {exc.reason} at byte {exc.start}")
             continue
         except json.JSONDecodeError as exc:
             yield number, Unreadable("(line)", f"not valid JSON: {exc.msg} at column {exc.colno}")
+            continue
+        except _RepeatedKeyError as exc:
+            yield number, Unreadable(exc.key, "the field is given more than once in the line")
+            continue
+        except RecursionError:
+            yield number, Unreadable("(line)", "not valid JSON: arrays or objects nested too deeply")
             continue
         if not isinstance(value, dict):
             yield number, Unreadable("(line)", f"expected a JSON object of trace fields, got {type(value).__name__}")
@@ -118,17 +173,24 @@ def _read_jsonl(stream: BinaryIO) -> Iterator[tuple[int, Item]]:
 
 
 def _read_csv(stream: BinaryIO) -> Iterator[tuple[int, Item]]:
-    text = io.TextIOWrapper(stream, encoding="utf-8", newline="")
+    # utf-8-sig: spreadsheets start their CSV files with a byte order mark. surrogateescape: bytes that are not UTF-8
+    # reach the cell they are in, which names them (see _csv_item); a decoding error would stop the reader at the
+    # chunk of the file being decoded, lines before the bad one.
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
+    csv.field_size_limit(CSV_FIELD_SIZE_LIMIT)  # a process-wide setting
     reader = csv.DictReader(text, restval=None)  # None: a row with fewer cells than the header
     start = 2
     try:
+        repeated = [name for name, count in Counter(reader.fieldnames or ()).items() if count > 1]
+        if repeated:
+            # DictReader keeps the last cell of a name: which one was meant cannot be told.
+            yield 1, Unreadable(repeated[0], "the header names this column twice")
+            return
         for row in reader:
             yield start, _csv_item(row)
             start = reader.line_num + 1
-    except UnicodeDecodeError as exc:
-        yield reader.line_num + 1, Unreadable("(line)", f"not UTF-8 text: {exc.reason}")
     except csv.Error as exc:
-        yield reader.line_num, Unreadable("(line)", f"not valid CSV: {exc}")
+        yield start, Unreadable("(line)", f"not valid CSV: {exc}")
     finally:
         text.detach()
 
@@ -141,6 +203,12 @@ def _csv_item(row: dict[str | None, Any]) -> Item:
         assert name is not None
         if cell is None:
             return Unreadable("(line)", "fewer cells than the header has columns")
+        if not cell.isascii():
+            try:
+                cell.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a byte the file's decoding escaped (surrogateescape)
+                byte = ord(cell[exc.start]) - 0xDC00
+                return Unreadable(name, f"not UTF-8 text (byte 0x{byte:02x} at character {exc.start + 1})")
         if name in LIST_FIELDS:
             try:
                 item[name] = json.loads(cell) if cell else []
@@ -157,15 +225,53 @@ def _read_parquet(stream: BinaryIO) -> Iterator[tuple[int, Item]]:
     parquet = _pyarrow_parquet("Reading Parquet files")
     source: Any = stream if stream.seekable() else io.BytesIO(stream.read())
     try:
-        batches = parquet.ParquetFile(source).iter_batches(batch_size=PARQUET_READ_BATCH)
+        file = parquet.ParquetFile(source)
+        repeated = [name for name, count in Counter(file.schema_arrow.names).items() if count > 1]
+        if repeated:
+            # A row would keep one of the two values, and which one is meant cannot be told.
+            raise ConfigurationError(
+                f"Cannot read the Parquet file: it has two columns named {repeated[0]}, and which one is meant "
+                "cannot be told."
+            )
         number = 0
-        for batch in batches:
-            for row in batch.to_pylist():
+        for batch in file.iter_batches(batch_size=PARQUET_READ_BATCH):
+            for item in _batch_items(batch):
                 number += 1
-                yield number, row
+                yield number, item
     except (OSError, ValueError) as exc:
         # pyarrow's ArrowInvalid (a ValueError) and ArrowIOError (an OSError): not a Parquet file, or a damaged one.
-        raise ConfigurationError(f"Cannot read the Parquet file: {exc}") from exc
+        # Its messages may span lines; the command's error is one.
+        raise ConfigurationError(f"Cannot read the Parquet file: {' '.join(str(exc).split())}") from exc
+
+
+def _batch_items(batch: Any) -> list[Item]:
+    """The rows of a record batch as mappings; a row holding a value Python cannot hold, as :class:`Unreadable`."""
+    pa = _pyarrow("Reading Parquet files")
+    failures = (ArithmeticError, ValueError, TypeError, NotImplementedError, pa.ArrowException)
+    try:
+        rows: list[Item] = batch.to_pylist()
+        return rows
+    except failures:
+        pass  # a timestamp past the year 9999, say: found cell by cell below, to name its row and column
+    names = batch.schema.names
+    columns: list[list[Any]] = []
+    for name, column in zip(names, batch.columns, strict=True):
+        try:
+            columns.append(column.to_pylist())
+        except failures:
+            columns.append([_cell(name, column, index, failures) for index in range(len(column))])
+    items: list[Item] = []
+    for index in range(batch.num_rows):
+        row = {name: values[index] for name, values in zip(names, columns, strict=True)}
+        items.append(next((value for value in row.values() if isinstance(value, Unreadable)), row))
+    return items
+
+
+def _cell(name: str, column: Any, index: int, failures: tuple[type[BaseException], ...]) -> Any:
+    try:
+        return column[index].as_py()
+    except failures as exc:
+        return Unreadable(name, f"cannot be read: {exc}")
 
 
 def parquet_rows(stream: BinaryIO) -> int | None:

@@ -10,10 +10,14 @@ from pathlib import Path
 
 import pytest
 from alembic.script import ScriptDirectory
+from sqlalchemy import text
 
-from llmtrace.migrations import PROJECT_ROOT, alembic_config
+from llmtrace import get_engine
+from llmtrace.cli import main
+from llmtrace.migrations import PROJECT_ROOT, alembic_config, upgrade
 from llmtrace.spool import Quarantine, Spool
 from tests.cli_support import BIN, llmtrace, repository_call
+from tests.conftest import embedded_url
 from tests.factories import make_trace
 
 HEAD = ScriptDirectory.from_config(alembic_config()).get_current_head()
@@ -186,3 +190,90 @@ def test_a_data_directory_held_by_another_process_fails_with_its_pid(tmp_path: P
     connection = lines_of(result.stdout)["connection"]
     assert connection.startswith(f"FAIL The embedded ClickHouse data directory {tmp_path / 'db'} is in use by another")
     assert f"(pid {holder.pid})" in connection
+
+
+def spool_line(url: str, spool_dir: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """The spool check of ``llmtrace doctor --spool-dir``, run in this process."""
+    main(["doctor", "--url", url, "--spool-dir", str(spool_dir)])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and captured.err == "", captured.err
+    return lines_of(captured.out)["spool"]
+
+
+def test_a_quarantine_that_cannot_be_read_is_a_warning(
+    chdb_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = embedded_url(chdb_dir, "doctor_spool")  # not migrated: the spool is checked all the same
+    in_the_way = tmp_path / "file-in-the-way"
+    (in_the_way / "quarantine").parent.mkdir()
+    (in_the_way / "quarantine").write_text("not a directory")
+    spool = spool_line(url, in_the_way, capsys)
+    quarantine = in_the_way / "quarantine" / "quarantine.jsonl"
+    assert spool.startswith(
+        f"WARN {in_the_way}: 0 file(s) waiting for doctor_spool.llm_traces; the quarantine cannot be read "
+        f"({quarantine}: Not a directory)"
+    ), spool
+    assert "-> make it a directory" in spool
+
+    directory_in_the_way = tmp_path / "directory-in-the-way"
+    (directory_in_the_way / "quarantine" / "quarantine.jsonl").mkdir(parents=True)
+    spool = spool_line(url, directory_in_the_way, capsys)
+    assert spool.startswith("WARN ") and "the quarantine cannot be read" in spool and "Is a directory" in spool
+
+
+def test_spool_files_that_cannot_be_replayed_are_counted(
+    chdb_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = embedded_url(chdb_dir, "doctor_spool")
+    spool_dir = tmp_path / "spool"
+    mine = Spool(spool_dir, destination="doctor_spool.llm_traces")
+    mine.append([make_trace(i) for i in range(3)])
+    mine.rotate()
+    [damaged] = spool_dir.glob("*.spool")
+    data = bytearray(damaged.read_bytes())
+    data[20] ^= 0xFF  # in the header's body: its checksum no longer matches
+    damaged.write_bytes(bytes(data))
+    (spool_dir / "notes.spool").write_text("not a spool file at all")
+    spool = spool_line(url, spool_dir, capsys)
+    assert spool == (
+        f"WARN {spool_dir}: 0 file(s) waiting for doctor_spool.llm_traces; 1 with a damaged header, "
+        "1 not a spool file\n"
+        "-> the traces of a file with a damaged header cannot be replayed: a writer's replay moves it to the "
+        "quarantine, for a person to look at"
+    )
+
+
+@pytest.mark.parametrize(
+    "url", ["clickhousedb://default:secret@127.0.0.1:eighty/traces", "clickhousedb://default:secret@[::1/traces"]
+)
+def test_a_url_with_a_malformed_host_or_port_is_a_failed_check_and_an_error(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["doctor", "--url", url]) == 1
+    out, err = capsys.readouterr()
+    assert err == ""
+    connection = lines_of(out)["connection"]
+    assert connection.startswith("FAIL Cannot parse the database URL 'clickhousedb://default:***@")
+    assert "secret" not in out
+    assert main(["usage", "--org", "org-1", "--url", url]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("llmtrace: Cannot parse the database URL") and len(err.splitlines()) == 1
+
+
+def test_a_hand_made_ttl_and_a_missing_rollup_are_warnings(
+    database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    engine = get_engine(database_url)
+    upgrade(engine)
+    with engine.connect() as connection:
+        for statement in (
+            "ALTER TABLE llm_traces MODIFY TTL toDateTime(created_at) + INTERVAL 30 DAY DELETE WHERE is_error",
+            "DROP TABLE llm_usage_hourly_mv",
+            "DROP TABLE llm_usage_hourly",
+        ):
+            connection.execute(text(statement))
+    code = main(["doctor", "--url", database_url])
+    checks = lines_of(capsys.readouterr().out)
+    assert code == 0, checks  # warnings only
+    assert checks["retention"].startswith("WARN ") and "remove that TTL" in checks["retention"]
+    assert checks["rollup"] == ("WARN no hourly rollup: every report scans the traces\n-> run `llmtrace migrate`")

@@ -7,14 +7,19 @@ repository in another child process (tests.cli_oracle).
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from llmtrace import LLMTrace
-from tests.cli_support import llmtrace, repository_call
+from tests.cli_support import LLMTRACE, llmtrace, repository_call
 from tests.factories import make_trace
+from tests.fault_servers import Fault, fault_server
 
 AWKWARD = "quotes \" ' backslash \\ tab \t newline \n CR \r NUL \x00 comma , semicolon ; -- unicode é 漢字 🚀"
 
@@ -72,6 +77,7 @@ def test_export_then_import_round_trips_exactly(
     result = llmtrace("export", "--org", "org-1", "-o", str(exported), "--batch-size", "10", url=source_url)
     assert result.returncode == 0, result.stderr
     assert "Exported 43 trace(s)" in result.stderr
+    assert exported.stat().st_mode & 0o777 == 0o600  # it holds payloads: readable by its owner only
 
     target = f"chdb:///{tmp_path / 'target'}"
     assert llmtrace("migrate", url=target).returncode == 0
@@ -175,6 +181,10 @@ def test_import_from_stdin(tmp_path: Path) -> None:
     result = llmtrace("import", "-", url=url, stdin=data)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "Imported 25 trace(s) from -.\n"
+    # Exactly once from standard input too, in other batches this time.
+    again = llmtrace("import", "-", "--batch-size", "7", url=url, stdin=data)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == "Imported 0 trace(s) from -; 25 skipped (already stored, or repeated in the file).\n"
 
 
 def test_import_into_an_unmigrated_database_says_what_to_do(tmp_path: Path) -> None:
@@ -207,3 +217,40 @@ def test_a_missing_extra_is_named(tmp_path: Path, arguments: list[str], package:
         f"which is not installed. It comes with llmtrace's 'reports' extra: pip install 'llmtrace[reports]'.\n"
     )
     assert not (tmp_path / "x.parquet").exists()
+
+
+@pytest.mark.parametrize("command", [["export", "--org", "org-1"], ["usage", "--org", "org-1"]])
+def test_a_server_that_refuses_connections_is_one_line_on_stderr(command: list[str]) -> None:
+    with fault_server(Fault.REFUSE) as port:
+        result = llmtrace(*command, url=f"clickhousedb://default:secret@127.0.0.1:{port}/traces")
+    assert result.returncode == 1
+    # Only llmtrace's own line: nothing the driver logs on the way.
+    assert result.stderr.startswith(f"llmtrace: ClickHouse at 127.0.0.1:{port} refused the connection")
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_an_export_stopped_by_a_signal_leaves_no_file(tmp_path: Path) -> None:
+    """SIGTERM (kill, timeout, systemd), SIGHUP (a closed terminal) and SIGINT (Ctrl-C) leave no file behind.
+
+    The export ends as if the signal had killed it; SIGKILL cannot be caught, and leaves its temporary file
+    (.NAME.*.tmp) next to the target, never a partial file at the target's name.
+    """
+    url = f"chdb:///{tmp_path / 'db'}"
+    assert repository_call(url, tmp_path, "add", traces=[make_trace(i) for i in range(300)]) == 300
+    out = tmp_path / "out"
+    out.mkdir()
+    for signal_number, code in (
+        (signal.SIGTERM, -signal.SIGTERM),
+        (signal.SIGHUP, -signal.SIGHUP),
+        (signal.SIGINT, 130),
+    ):
+        command = [LLMTRACE, "export", "--org", "org-1", "--batch-size", "1", "-o", str(out / "traces.jsonl")]
+        process = subprocess.Popen(command, env={**os.environ, "LLMTRACE_DATABASE_URL": url}, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while not list(out.iterdir()) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        process.send_signal(signal_number)  # one page of 300 written at most
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == code, stderr.decode()  # Ctrl-C: 128 + SIGINT, as Click ends
+        assert b"Traceback" not in stderr
+        assert list(out.iterdir()) == []
