@@ -258,9 +258,16 @@ def _retention_check(client: Any, topology: Topology) -> Check:
 
 def _rollup_check(connection: Connection, client: Any) -> Check:
     """Whether the rollups count the traces the table holds (their views add every insert as it happens)."""
-    present = [rollup for rollup in ROLLUPS if rollup.name in existing(connection)]
+    found = existing(connection)
+    present = [rollup for rollup in ROLLUPS if rollup.name in found]
+    missing = " or ".join(rollup.name for rollup in ROLLUPS if rollup.name not in found)
     if not present:
-        return Check(Status.WARN, "rollup", "no rollup: every report scans the traces", "run `llmtrace migrate`")
+        return Check(
+            Status.WARN, "rollup", f"no {missing} rollup: every report scans the traces", "run `llmtrace migrate`"
+        )
+    if missing:
+        return Check(Status.WARN, "rollup", f"no {missing} rollup: reports it would answer read slower sources",
+                     "run `llmtrace migrate`")  # fmt: skip
     traces = int(client.query(f"SELECT count() FROM {TABLE_NAME}").result_rows[0][0])
     counts = {
         rollup.name: int(client.query(f"SELECT sum(requests) FROM {rollup.table}").result_rows[0][0] or 0)

@@ -265,15 +265,26 @@ def test_a_hand_made_ttl_and_a_missing_rollup_are_warnings(
 ) -> None:
     engine = get_engine(database_url)
     upgrade(engine)
-    with engine.connect() as connection:
-        for statement in (
-            "ALTER TABLE llm_traces MODIFY TTL toDateTime(created_at) + INTERVAL 30 DAY DELETE WHERE is_error",
-            "DROP TABLE llm_usage_hourly_mv",
-            "DROP TABLE llm_usage_hourly",
-        ):
-            connection.execute(text(statement))
-    code = main(["doctor", "--url", database_url])
-    checks = lines_of(capsys.readouterr().out)
-    assert code == 0, checks  # warnings only
+
+    def doctor(*statements: str) -> dict[str, str]:
+        with engine.connect() as connection:
+            for statement in statements:
+                connection.execute(text(statement))
+        code = main(["doctor", "--url", database_url])
+        checks = lines_of(capsys.readouterr().out)
+        assert code == 0, checks  # warnings only
+        return checks
+
+    checks = doctor(
+        "ALTER TABLE llm_traces MODIFY TTL toDateTime(created_at) + INTERVAL 30 DAY DELETE WHERE is_error",
+        "DROP TABLE llm_usage_daily_mv",
+        "DROP TABLE llm_usage_daily",
+    )
     assert checks["retention"].startswith("WARN ") and "remove that TTL" in checks["retention"]
-    assert checks["rollup"] == ("WARN no hourly rollup: every report scans the traces\n-> run `llmtrace migrate`")
+    assert checks["rollup"] == (
+        "WARN no daily rollup: reports it would answer read slower sources\n-> run `llmtrace migrate`"
+    )
+    checks = doctor("DROP TABLE llm_usage_hourly_mv", "DROP TABLE llm_usage_hourly")
+    assert checks["rollup"] == (
+        "WARN no daily or hourly rollup: every report scans the traces\n-> run `llmtrace migrate`"
+    )
