@@ -60,6 +60,7 @@ from llmtrace.record import TABLE_NAME
 from llmtrace.rollup import ROLLUPS, existing
 from llmtrace.topology import Topology, resolve
 
+ROLLUP_TABLES = frozenset(rollup.table for rollup in ROLLUPS)
 # Longest retention accepted. ClickHouse keeps a part's TTL bounds as 32-bit seconds, which end in February 2106;
 # 10,000 days (27 years) keeps created_at + retention below that for traces of this century's first 80 years.
 MAX_DAYS = 10_000
@@ -166,7 +167,8 @@ def set_retention(
         payload_days: Days after ``created_at`` after which payloads are emptied, or ``None`` to keep them.
         topology: The deployment (see :mod:`llmtrace.topology`); ``None`` uses ``LLMTRACE_TOPOLOGY``, else detects
             it. On a cluster the TTL goes to the local table on every host (``ON CLUSTER``).
-        table: A table of :data:`RETAINED_TABLES`.
+        table: A table of :data:`RETAINED_TABLES` other than the rollups, which keep the traces' row retention
+            (set with the traces' own, and by the migration that creates a rollup).
         materialize: Apply the new TTL to parts written before it (see the module docs). The statement returns
             once ClickHouse has queued the mutation, which reads each part's ``created_at`` column; expired parts
             are then dropped and payloads emptied by background merges (follow them in ``system.mutations`` and
@@ -186,6 +188,10 @@ def set_retention(
     """
     wanted = Retention(rows_days=rows_days, payload_days=payload_days)
     retained = _retained(table, wanted)
+    if table in ROLLUP_TABLES:
+        # Reports count every whole day the traces' retention keeps (TraceRepository.usage): a rollup that dropped
+        # rows earlier would answer less than the traces, and one that kept them longer would keep expired data.
+        raise ValueError(f"{table} keeps the row retention of {TABLE_NAME}: set that one, and the rollups follow it")
     with database_errors(f"setting the retention of {table}"), engine.connect() as connection:
         client = driver_client(connection)
         ddl = _schema_ddl(engine, client, topology)
@@ -196,11 +202,18 @@ def set_retention(
         for rollup in (rollup.table for rollup in ROLLUPS if rollup.name in present):
             # The rollups keep the traces' row retention, so that their expired hours and days go with them
             # (reports cut all at the same whole day: see TraceRepository.usage).
-            kept = Retention(rows_days=rows_days)
-            now = read_retention(client, ddl.topology.storage_table(rollup), RETAINED_TABLES[rollup])
-            for statement in retention_statements(now, kept, table=rollup, ddl=ddl, materialize=materialize):
+            for statement in follow_traces_statements(client, ddl, rollup, materialize=materialize):
                 client.command(statement, settings=_ALTER_SETTINGS)
         return read_retention(client, ddl.topology.storage_table(table), retained)
+
+
+def follow_traces_statements(client: Any, ddl: SchemaDDL, rollup: str, *, materialize: bool) -> list[str]:
+    """The statements that give the rollup table ``rollup`` the traces' row retention (none if it has it): what
+    :func:`set_retention` runs for each rollup, and a migration for the rollup it creates."""
+    traces, _ = read_row_retention(client, ddl.topology.storage_table(TABLE_NAME))
+    current = read_retention(client, ddl.topology.storage_table(rollup), RETAINED_TABLES[rollup])
+    wanted = Retention(rows_days=traces.rows_days)
+    return retention_statements(current, wanted, table=rollup, ddl=ddl, materialize=materialize)
 
 
 def get_retention(engine: Engine, *, table: str = TABLE_NAME, topology: Topology | str | None = None) -> Retention:

@@ -17,6 +17,9 @@ The view is created before the daily rollup is filled from the hourly one: a tra
 migration runs may be counted twice until ``TraceRepository.rebuild_rollup()`` runs; run the migration while
 writers are paused to avoid it.
 
+A row retention set on the traces before this migration is given to the daily rollup (and to the hourly one,
+which migration 0005 created without it), as ``llmtrace.retention.set_retention`` gives it to every rollup.
+
 Written out literally rather than importing llmtrace.rollup: a migration is a fixed point in the schema's
 history (a test checks that the view in the database computes what llmtrace.rollup.DAILY.select says).
 """
@@ -103,9 +106,30 @@ def upgrade() -> None:
             family="AggregatingMergeTree",
         )
     )
+    # Before any row: a retention set earlier on the traces applies to the daily rollup from its first part.
+    follow_traces_retention(DAILY, materialize=False)
+    # Migration 0005 created the hourly rollup without it.
+    follow_traces_retention(HOURLY, materialize=True)
     run(ddl.create_materialized_view(VIEW, target=DAILY, source=HOURLY, select=SELECT))
     # Fill from the hourly rollup as it is, through the tables readers use (on a cluster: every shard).
     run([f"INSERT INTO {ddl.name(DAILY)} {SELECT.format(source=ddl.name(HOURLY))} SETTINGS insert_deduplicate = 0"])
+
+
+def follow_traces_retention(table: str, *, materialize: bool) -> None:
+    """Give the rollup ``table`` the traces' row retention, as ``set_retention`` does for every rollup that exists
+    when it runs (see llmtrace.retention). Online only: an offline script cannot read it; run
+    ``llmtrace retention`` again after it."""
+    from alembic import context, op
+
+    from llmtrace.engine import driver_client
+    from llmtrace.retention import follow_traces_statements
+
+    if context.is_offline_mode():
+        return
+    client = driver_client(op.get_bind())
+    for statement in follow_traces_statements(client, migration_ddl(), table, materialize=materialize):
+        # Materialized (if at all) by the statement's own MATERIALIZE TTL, with the settings it sets first.
+        op.execute(statement, execution_options={"settings": {"materialize_ttl_after_modify": 0}})
 
 
 def downgrade() -> None:
