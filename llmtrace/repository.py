@@ -77,7 +77,6 @@ class TraceRepository:
     def __init__(self, engine: Engine, *, topology: Topology | str | None = None) -> None:
         self.engine = engine
         self._schema_checked = False  # whether the table has been seen to be migrated far enough to write
-        self._rollups: frozenset[str] = frozenset()  # the rollups seen to exist (llmtrace.rollup)
         self._topology = configured(topology, source="topology")
         if self._topology is not None and is_embedded(engine):
             require_embeddable(self._topology)
@@ -384,15 +383,15 @@ class TraceRepository:
         """The rollup that answers a report (``None``: the traces), given what was asked (see :meth:`usage`)."""
         if asked == "raw":
             return None
-        if len(self._rollups) < len(ROLLUPS):
-            # Looked up until found: a database migrated while this repository lives gains them.
-            self._rollups = existing(connection)
+        # Looked up for every report (about a millisecond): a migration or a downgrade while this repository lives
+        # adds or removes them.
+        present = existing(connection)
         reasons = []
         for rollup in ROLLUPS:
             if asked not in ("auto", "rollup", rollup.name):
                 continue
             reason = answerable(rollup, trace_filter, percentiles, keys, granularity, prices_inside)
-            if reason is None and rollup.name not in self._rollups:
+            if reason is None and rollup.name not in present:
                 reason = f"the database has no {rollup.name} rollup yet (run the migrations: llmtrace migrate)"
             if reason is None:
                 return rollup

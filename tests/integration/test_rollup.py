@@ -16,7 +16,7 @@ from sqlalchemy import Engine, text
 from llmtrace import ALL_ORGANIZATIONS, LLMTrace, TraceRepository, UsageRow
 from llmtrace.cost import dollars, select_with_cost
 from llmtrace.engine import driver_client
-from llmtrace.migrations import upgrade
+from llmtrace.migrations import downgrade, upgrade
 from llmtrace.prices import ModelPrice, set_price
 from llmtrace.record import TRACES_TABLE
 from llmtrace.retention import set_retention
@@ -238,6 +238,25 @@ def test_the_migrations_fill_the_rollups_from_stored_traces(engine: Engine, befo
     assert_rollup_answers_like_the_traces(
         repository, organization_id=ALL_ORGANIZATIONS, group_by=("organization_id", "model"), granularity="day"
     )
+
+
+def test_a_repository_follows_the_rollups_the_database_has_now(engine: Engine) -> None:
+    """A repository that read the daily rollup goes on answering once a downgrade removed it, and the other way."""
+    upgrade(engine)
+    repository = TraceRepository(engine)
+    repository.add_many(traces()[:300])
+
+    def sources() -> set[str]:
+        return {row.source for row in repository.usage(ALL_ORGANIZATIONS, percentiles="approximate")}
+
+    assert sources() == {"daily"}
+    downgrade(engine, "0005")
+    assert sources() == {"hourly"}
+    with pytest.raises(ValueError, match="no daily rollup yet"):
+        repository.usage(ALL_ORGANIZATIONS, percentiles="approximate", source="daily")
+    upgrade(engine)
+    assert sources() == {"daily"}
+    assert_rollup_answers_like_the_traces(repository, organization_id=ALL_ORGANIZATIONS, group_by=("model",))
 
 
 def test_a_rebuild_gives_the_same_rollups(repository: TraceRepository) -> None:
