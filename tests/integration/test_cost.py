@@ -122,18 +122,26 @@ def test_each_trace_and_each_report_cost_what_genai_prices_says(repository: Trac
     assert any(len(prices[(t.provider, t.model)].tiers) > 1 and t.prompt_tokens > 200_000 for t in traces)
     assert {row.prompt_includes_cached for row in prices.values()} == {True, False}
 
-    # A report prices each hour's totals; it equals the traces' own costs, platform-paid and BYOK apart.
-    report = repository.usage(ALL_ORGANIZATIONS, group_by=("organization_id", "model"), granularity="day")
+    # A report prices each day's (or hour's) totals; it equals the traces' own costs, platform-paid and BYOK apart,
+    # from the traces and from both rollups.
     wanted: dict[tuple[Any, ...], list[Decimal]] = defaultdict(lambda: [Decimal(0), Decimal(0)])
     for trace in traces:
         day = trace.created_at.replace(hour=0, minute=0, second=0, microsecond=0)
         wanted[(day, trace.organization_id, trace.model)][trace.is_byok] += expected[trace.id]
-    got = {(r.bucket, r.organization_id, r.model): [r.cost, r.byok_cost] for r in report}
-    assert got == dict(wanted)
-    for r in report:
-        assert r.unpriced_requests == 0
-        parts = (r.input_cost, r.cached_input_cost, r.cache_write_cost, r.output_cost, r.reasoning_cost)
-        assert r.cost == sum(parts, start=r.request_cost)
+    for source in ("raw", "daily", "hourly"):
+        report = repository.usage(
+            ALL_ORGANIZATIONS,
+            group_by=("organization_id", "model"),
+            granularity="day",
+            percentiles="exact" if source == "raw" else "approximate",
+            source=source,
+        )
+        got = {(r.bucket, r.organization_id, r.model): [r.cost, r.byok_cost] for r in report}
+        assert got == dict(wanted), source
+        for r in report:
+            assert r.unpriced_requests == 0
+            parts = (r.input_cost, r.cached_input_cost, r.cache_write_cost, r.output_cost, r.reasoning_cost)
+            assert r.cost == sum(parts, start=r.request_cost)
 
 
 def test_traces_without_a_price_are_counted_never_free(repository: TraceRepository) -> None:
