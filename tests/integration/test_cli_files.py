@@ -229,6 +229,11 @@ def test_a_server_that_refuses_connections_is_one_line_on_stderr(command: list[s
     assert len(result.stderr.splitlines()) == 1, result.stderr
 
 
+def _default_signals() -> None:
+    for signal_number in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(signal_number, signal.SIG_DFL)
+
+
 def test_an_export_stopped_by_a_signal_leaves_no_file(tmp_path: Path) -> None:
     """SIGTERM (kill, timeout, systemd), SIGHUP (a closed terminal) and SIGINT (Ctrl-C) leave no file behind.
 
@@ -245,7 +250,14 @@ def test_an_export_stopped_by_a_signal_leaves_no_file(tmp_path: Path) -> None:
         (signal.SIGINT, 130),
     ):
         command = [LLMTRACE, "export", "--org", "org-1", "--batch-size", "1", "-o", str(out / "traces.jsonl")]
-        process = subprocess.Popen(command, env={**os.environ, "LLMTRACE_DATABASE_URL": url}, stderr=subprocess.PIPE)
+        process = subprocess.Popen(
+            command,
+            env={**os.environ, "LLMTRACE_DATABASE_URL": url},
+            stderr=subprocess.PIPE,
+            # The export keeps a signal its parent ignores ignored (as under nohup); the test runner itself may run
+            # under nohup, so the export starts with every signal at its default.
+            preexec_fn=_default_signals,
+        )
         deadline = time.monotonic() + 60
         while not list(out.iterdir()) and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.001)
