@@ -63,9 +63,8 @@ _LADDER = "[" + ", ".join(map(str, TIER_THRESHOLDS)) + "]"
 _INPUT_WITH_CACHE = (
     "toInt64(t.prompt_tokens) + toInt64(ifNull(t.cached_input_tokens, 0)) + toInt64(ifNull(t.cache_write_tokens, 0))"
 )
-_MEASURES = (
-    "requests",
-    "errors",
+# Token and byte sums a report adds up as they are (requests, errors and the latency sum are summed apart).
+SUMMED = (
     "prompt_tokens",
     "completion_tokens",
     "total_tokens",
@@ -74,8 +73,9 @@ _MEASURES = (
     "reasoning_tokens",
     "request_bytes",
     "response_bytes",
-    "latency_sum",
 )
+# Every summed column of a rollup.
+MEASURES = ("requests", "errors", *SUMMED, "latency_sum")
 
 
 def _band(size: str) -> str:
@@ -138,7 +138,7 @@ class Rollup:
             Column("reasoning_over_completion", Bool),
             *(
                 Column(name, UInt128 if name in wide else Nullable(UInt64) if name in optional else UInt64)
-                for name in _MEASURES
+                for name in MEASURES
             ),
         )
 
@@ -183,7 +183,7 @@ DAILY = Rollup(
         f"SELECT {', '.join(_DAILY_KEYS)}, "
         f"{_period_start('h.hour', MICROS_PER_DAY)} AS day, "
         f"{', '.join(PRICING_COLUMNS)}, "
-        + ", ".join(f"sum(h.{name}) AS {name}" for name in _MEASURES)
+        + ", ".join(f"sum(h.{name}) AS {name}" for name in MEASURES)
         + ", quantilesTDigestMergeState(0.5, 0.95, 0.99)(h.latency_state) AS latency_state "
         "FROM {source} AS h{where} "
         f"GROUP BY {', '.join((*_DAILY_KEYS, 'day', *PRICING_COLUMNS))}"

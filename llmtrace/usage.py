@@ -28,9 +28,11 @@ from llmtrace.filters import TraceFilter
 from llmtrace.record import TRACES_TABLE
 from llmtrace.rollup import (
     KEY_COLUMNS,
+    MEASURES,
     MICROS_PER_HOUR,
     PRICING_COLUMNS,
     ROLLUP_TABLES,
+    SUMMED,
     Rollup,
     rollup_clauses,
 )
@@ -216,7 +218,7 @@ def rollup_period_totals(
         *(r[name] for name in PRICING_COLUMNS),
     ]
     measures = [
-        *(func.sum(r[name]).label(name) for name in ("requests", "errors", *_SUMMED, "latency_sum")),
+        *(func.sum(r[name]).label(name) for name in MEASURES),
         literal_column(f"quantilesTDigestMergeState({_LEVELS})(latency_state)").label("latency_state"),
     ]
     statement = select(*dimensions, *measures).select_from(ROLLUP_TABLES[rollup.name])
@@ -287,7 +289,7 @@ def priced_totals(hourly: Subquery, keys: tuple[str, ...], granularity: str | No
     measures = [
         func.sum(h.requests).label("requests"),
         func.sum(h.errors).label("errors"),
-        *(func.sum(h[name]).label(name) for name in _SUMMED),
+        *(func.sum(h[name]).label(name) for name in SUMMED),
         # divide() is ClickHouse's true division (Float64), which SQLAlchemy's "/" on integers does not render.
         func.divide(func.sum(h.latency_sum), func.sum(h.requests)).label("latency_avg_ms"),
         literal_column(f"{PERCENTILE_FUNCTIONS[percentiles]}Merge({_LEVELS})(hourly.latency_state)").label(
@@ -309,16 +311,6 @@ def priced_totals(hourly: Subquery, keys: tuple[str, ...], granularity: str | No
 
 
 _LEVELS = ", ".join(map(str, PERCENTILES))
-_SUMMED = (
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "cached_input_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-    "request_bytes",
-    "response_bytes",
-)
 
 
 def usage_row(
