@@ -192,7 +192,7 @@ def database_errors(action: str) -> Iterator[None]:
         action: What was being done, for the message (e.g. ``"inserting 1000 traces"``).
 
     Raises:
-        SchemaNotMigratedError: The traces table does not exist.
+        SchemaNotMigratedError: The traces table or the price list does not exist.
         DatabaseError: Any other database failure, with ``transient`` and ``code`` set.
     """
     try:
@@ -204,9 +204,10 @@ def database_errors(action: str) -> Iterator[None]:
         if failure is None:
             raise
         message = redacted(f"{failure.subject} {failure.what} while {action}: {failure.detail}")
-        if failure.code == _UNKNOWN_TABLE and _names_missing_traces_table(failure.server_text):
+        missing = _missing_schema_table(failure.server_text) if failure.code == _UNKNOWN_TABLE else None
+        if missing is not None:
             raise SchemaNotMigratedError(
-                "The llm_traces table does not exist in this database. Create it with `alembic upgrade head`, "
+                f"The {missing} table does not exist in this database. Create it with `alembic upgrade head`, "
                 "`llmtrace migrate` or llmtrace.migrations.upgrade(engine).\n" + message,
                 code=failure.code,
             ) from exc
@@ -441,11 +442,15 @@ def _frames(tb: TracebackType | None) -> Iterator[tuple[str, str]]:
         tb = tb.tb_next
 
 
-def _names_missing_traces_table(text: str) -> bool:
+def _missing_schema_table(text: str) -> str | None:
+    """The table of the migrations' schema (the traces or the price list) a ClickHouse message says is missing."""
     # ClickHouse says "Unknown table expression identifier 'llm_traces'" in a query and "Table db.llm_traces
-    # does not exist" in an insert. Matching the table's own name keeps a missing temporary table, whose
+    # does not exist" in an insert. Matching the tables' own names keeps a missing temporary table, whose
     # message also quotes the query around it, from being taken for an unmigrated database.
+    from llmtrace.prices import PRICES_TABLE_NAME
     from llmtrace.record import TABLE_NAME
 
-    pattern = rf"identifier '{TABLE_NAME}'|Table \S*\b{TABLE_NAME} does not exist"
-    return re.search(pattern, text) is not None
+    for table in (TABLE_NAME, PRICES_TABLE_NAME):
+        if re.search(rf"identifier '{table}'|Table \S*\b{table} does not exist", text) is not None:
+            return table
+    return None

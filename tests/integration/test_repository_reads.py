@@ -23,6 +23,7 @@ from llmtrace import (
 from llmtrace.engine import driver_client
 from llmtrace.errors import database_errors
 from llmtrace.filters import TraceFilter
+from llmtrace.migrations import upgrade
 from tests.factories import BASE_TIME, make_trace
 
 
@@ -371,9 +372,18 @@ def test_an_unmigrated_database_says_how_to_migrate(repository: TraceRepository,
     for action in (
         lambda: repository.get("org-1", "x"),
         lambda: repository.add_many([make_trace(1)], skip_stored=False),
+        lambda: repository.usage("org-1"),
     ):
         with pytest.raises(SchemaNotMigratedError, match="`alembic upgrade head`, `llmtrace migrate`"):
             action()
+
+
+def test_a_database_migrated_before_prices_says_how_to_migrate(engine: Engine) -> None:
+    upgrade(engine, "0003")  # the traces table, no price list yet
+    repository = TraceRepository(engine)
+    repository.add_many([make_trace(1)])
+    with pytest.raises(SchemaNotMigratedError, match=r"llm_model_prices table does not exist.*`llmtrace migrate`"):
+        repository.usage("org-1")
 
 
 def test_programming_errors_are_not_swallowed(repository: TraceRepository) -> None:
