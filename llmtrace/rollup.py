@@ -14,7 +14,7 @@ What keeps them equal to the traces:
 - **Same groups.** Each rollup keeps its group keys, its time (hour or day), and what pricing needs of each
   trace (how many tier thresholds its input passes, under each convention; whether its counts contradict a
   convention). Pricing a period's totals at once prices each trace, as long as no price changes inside the
-  period (see :func:`llmtrace.prices.price_changes_inside_days`).
+  period (see :func:`llmtrace.prices.prices_change_inside_days`).
 - **Same sums.** Counts and token sums are exact (``sum`` of a Nullable column stays ``NULL`` when no trace
   reported it). Percentiles come from merged t-digest states: approximate, like ``percentiles="approximate"``
   on the traces (within 2% of the latency range in the tests).
@@ -28,13 +28,14 @@ when it can, else the hourly one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Column, Connection, MetaData, Table, bindparam, text
 from sqlalchemy.sql import ColumnElement
 from sqlalchemy.sql.elements import TextClause
 
 from llmtrace.filters import TraceFilter
+from llmtrace.model import as_utc
 from llmtrace.prices import TIER_THRESHOLDS
 from llmtrace.record import TABLE_NAME
 from llmtrace.topology import SINGLE, Topology
@@ -107,10 +108,6 @@ class Rollup:
     micros: int  # its period, in microseconds
     keys: tuple[str, ...]
     select: str
-
-    @property
-    def period(self) -> timedelta:
-        return timedelta(microseconds=self.micros)
 
     def columns(self) -> Table:
         """Its columns, typed for reading (the table is created by a migration, not from this metadata)."""
@@ -194,10 +191,6 @@ ROLLUPS = (DAILY, HOURLY)
 ROLLUP_TABLES = {rollup.name: rollup.columns() for rollup in ROLLUPS}
 # Objects the migrations create by hand, outside the declarative model (Alembic's autogenerate leaves them out).
 HAND_WRITTEN = frozenset(name for rollup in ROLLUPS for name in (rollup.table, rollup.view))
-# Kept for readers of the hourly rollup by name.
-ROLLUP_TABLE_NAME = HOURLY.table
-ROLLUP_VIEW_NAME = HOURLY.view
-ROLLUP_SELECT = HOURLY.select
 
 
 def answerable(
@@ -234,8 +227,11 @@ def answerable(
 
 
 def _micros_into_period(value: datetime, micros: int) -> int:
-    epoch = datetime(1970, 1, 1, tzinfo=value.tzinfo)
-    return ((value - epoch) // timedelta(microseconds=1)) % micros
+    """How far ``value`` is into its UTC hour or day (periods of ``micros``), in microseconds."""
+    return ((as_utc(value) - _EPOCH) // timedelta(microseconds=1)) % micros
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def rollup_clauses(rollup: Rollup, trace_filter: TraceFilter) -> list[ColumnElement[bool]]:
@@ -300,12 +296,13 @@ def refresh_statements(
         if rollup.name in present
     ]
     where = " WHERE organization_id = :organization_id AND t.created_at >= :first_day AND t.created_at < :end"
-    statements.append(
-        text(
-            f"INSERT INTO {HOURLY.table} {HOURLY.select.format(source=TABLE_NAME, where=where)} "
-            "SETTINGS insert_deduplicate = 0"
+    if HOURLY.name in present:
+        statements.append(
+            text(
+                f"INSERT INTO {HOURLY.table} {HOURLY.select.format(source=TABLE_NAME, where=where)} "
+                "SETTINGS insert_deduplicate = 0"
+            )
         )
-    )
     return [statement.bindparams(*typed, organization_id=organization_id) for statement in statements]
 
 
@@ -317,6 +314,7 @@ def rebuild_statements(present: frozenset[str], topology: Topology = SINGLE) -> 
         for rollup in ROLLUPS
         if rollup.name in present
     ]
-    fill = HOURLY.select.format(source=TABLE_NAME, where="")
-    statements.append(text(f"INSERT INTO {HOURLY.table} {fill} SETTINGS insert_deduplicate = 0"))
+    if HOURLY.name in present:
+        fill = HOURLY.select.format(source=TABLE_NAME, where="")
+        statements.append(text(f"INSERT INTO {HOURLY.table} {fill} SETTINGS insert_deduplicate = 0"))
     return statements

@@ -18,7 +18,7 @@ On a cluster each host has a local rollup table, fed by a view on its local trac
 table in front, sharded by organization.
 
 Written out literally rather than importing llmtrace.rollup: a migration is a fixed point in the schema's
-history (a test checks that the view in the database computes what llmtrace.rollup.ROLLUP_SELECT says).
+history (a test checks that the view in the database computes what llmtrace.rollup.HOURLY.select says).
 """
 
 from collections.abc import Sequence

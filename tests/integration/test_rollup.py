@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -134,6 +134,11 @@ def test_auto_uses_the_coarsest_rollup_that_answers_exactly(repository: TraceRep
     assert source(percentiles="approximate", project_id="project-1") <= {"hourly"}
     assert source(percentiles="approximate", granularity="hour") == {"hourly"}
     assert source(percentiles="approximate", since=END - timedelta(days=3)) == {"hourly"}  # 12:00, not midnight
+    # Midnight UTC written in another time zone is still a whole UTC day.
+    india = timezone(timedelta(hours=5, minutes=30))
+    assert source(percentiles="approximate", since=(END - timedelta(days=3)).replace(hour=0).astimezone(india)) == {
+        "daily"
+    }
     assert source() == {"raw"}  # exact percentiles need every latency
     assert source(percentiles="approximate", run_id="run-00000001") <= {"raw"}
     assert source(percentiles="approximate", since=END - timedelta(days=3, minutes=30)) == {"raw"}
