@@ -21,7 +21,7 @@ from llmtrace.alter_delete import delete_statement
 from llmtrace.conversion import trace_from_row
 from llmtrace.engine import driver_client, is_embedded
 from llmtrace.errors import DatabaseError, TraceNotFound, database_errors
-from llmtrace.filters import OrganizationScope, TraceFilter, require_organization
+from llmtrace.filters import ALL_ORGANIZATIONS, OrganizationScope, TraceFilter, require_organization
 from llmtrace.ingest import (
     RetentionCheck,
     TraceInput,
@@ -286,6 +286,19 @@ class TraceRepository:
         trace_filter = _filter(organization_id, filters, method="count")
         with database_errors("counting traces"), self.engine.connect() as connection:
             return int(connection.execute(trace_filter.apply(select(func.count()).select_from(TABLE))).scalar_one())
+
+    def organizations(self, **filters: Any) -> builtins.list[tuple[str, int]]:
+        """Every organization with traces matching the filters of :meth:`list`, and how many, ordered by id.
+
+        A plain count per organization, for jobs that walk every organization's traces (``llmtrace export
+        --all-organizations``). Traces another writer stored without an organization id are counted under ``""``.
+        """
+        trace_filter = _filter(ALL_ORGANIZATIONS, filters, method="organizations")
+        organization = TABLE.c.organization_id
+        statement = trace_filter.apply(select(organization, func.count()).select_from(TABLE))
+        with database_errors("counting traces by organization"), self.engine.connect() as connection:
+            rows = connection.execute(statement.group_by(organization).order_by(organization)).all()
+        return [(str(row[0]), int(row[1])) for row in rows]
 
     # -- reports ------------------------------------------------------------------------------------------
 

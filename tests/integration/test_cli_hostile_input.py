@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
-from llmtrace import TraceRepository, get_engine, trace_files
+from llmtrace import ALL_ORGANIZATIONS, LLMTrace, TraceRepository, get_engine, trace_files
 from llmtrace.cli import main
+from llmtrace.engine import driver_client
 from llmtrace.migrations import upgrade
 from tests.conftest import embedded_url
 from tests.factories import make_trace
@@ -307,3 +308,28 @@ def test_pages_of_a_relative_time_range_follow_one_another(url: str, capsys: pyt
     assert last.code == 0 and traces[4].id in last.out, last
     other = run(capsys, "--url", url, "traces", "--org", organization, "--since", "8d", "--cursor", next_page)
     assert other.code == 1 and "issued for other filters" in other.err
+
+
+def test_export_of_every_organization_counts_them_plainly_and_names_traces_without_one(
+    database_url: str, migrated_engine: Engine, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repository = TraceRepository(migrated_engine)
+    repository.add_many([make_trace(i, organization_id=f"org-{i % 3}") for i in range(9)])
+    # Another writer's row without an organization id, as the reference to_clickhouse_row() may send it.
+    columns = LLMTrace.clickhouse_columns()
+    row = list(make_trace(100, organization_id="org-x").to_clickhouse_row())
+    row[columns.index("organization_id")] = ""
+    with migrated_engine.connect() as connection:
+        driver_client(connection).insert("llm_traces", [row], column_names=columns)
+    assert repository.organizations() == [("", 1), ("org-0", 3), ("org-1", 3), ("org-2", 3)]
+    only = make_trace(0).model
+    assert sum(count for _, count in repository.organizations(model=only)) == repository.count(
+        ALL_ORGANIZATIONS, model=only
+    )
+
+    target = tmp_path / "all.jsonl"
+    result = run(capsys, "export", "--all-organizations", "-o", str(target), "--url", database_url)
+    assert result.code == 0, result.err
+    exported = [LLMTrace.model_validate_json(line) for line in target.read_text(encoding="utf-8").splitlines()]
+    assert sorted(trace.organization_id for trace in exported) == sorted(f"org-{i % 3}" for i in range(9))
+    assert "Not exported: 1 trace(s) without an organization id (stored as '')." in result.err
