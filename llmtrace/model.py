@@ -70,6 +70,9 @@ def as_utc(value: datetime) -> datetime:
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
+# UTC hours and days in microseconds, the unit of DateTime64(6): what reports, rollups and prices cut time into.
+MICROS_PER_HOUR = 3_600_000_000
+MICROS_PER_DAY = 86_400_000_000
 
 
 def epoch_micros(moment: datetime) -> int:

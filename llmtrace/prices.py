@@ -47,7 +47,7 @@ from sqlalchemy import Column, Connection, Engine, Table, func, select
 
 from llmtrace.engine import driver_client
 from llmtrace.errors import database_errors
-from llmtrace.model import as_utc
+from llmtrace.model import MICROS_PER_DAY, as_utc
 from llmtrace.record import Base
 
 PRICES_TABLE_NAME = "llm_model_prices"
@@ -59,7 +59,6 @@ PRICE_SCALE = 18
 PRICE_TYPE = f"Decimal(38, {PRICE_SCALE})"
 EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)  # created_at's lowest value
 LATEST = datetime(2299, 12, 31, 23, tzinfo=UTC)
-_MICROS_PER_DAY = 86_400_000_000
 # Input-token thresholds a tiered price may use (a tier applies to the whole request once its input passes the
 # threshold). The hourly rollup counts each hour's traces by how many of these thresholds their input passes,
 # so a tier on any of them is priced exactly there; each threshold splits the rollup's rows, so the list holds
@@ -323,7 +322,7 @@ def prices_change_inside_days(connection: Connection, since: datetime | None, un
     statement = (
         final(select(func.count()).select_from(PRICES_TABLE))
         .where(p.is_deleted == 0)
-        .where(func.positiveModulo(micros, _MICROS_PER_DAY) != 0)
+        .where(func.positiveModulo(micros, MICROS_PER_DAY) != 0)
     )
     if since is not None:
         day = as_utc(since).replace(hour=0, minute=0, second=0, microsecond=0)

@@ -30,14 +30,12 @@ from llmtrace.ingest import (
     validated_batches,
     write_batch,
 )
-from llmtrace.model import LLMTrace, as_utc
+from llmtrace.model import MICROS_PER_DAY, MICROS_PER_HOUR, LLMTrace, as_utc
 from llmtrace.pagination import Position, TracePage, decode_cursor, encode_cursor
 from llmtrace.prices import prices_change_inside_days
 from llmtrace.record import TABLE_NAME, TRACES_TABLE
 from llmtrace.retention import read_row_retention
 from llmtrace.rollup import (
-    MICROS_PER_DAY,
-    MICROS_PER_HOUR,
     ROLLUPS,
     Rollup,
     answerable,

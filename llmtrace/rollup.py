@@ -28,20 +28,18 @@ when it can, else the hourly one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import Column, Connection, MetaData, Table, bindparam, text
 from sqlalchemy.sql import ColumnElement
 from sqlalchemy.sql.elements import TextClause
 
 from llmtrace.filters import TraceFilter
-from llmtrace.model import as_utc
+from llmtrace.model import MICROS_PER_DAY, MICROS_PER_HOUR, as_utc, epoch_micros
 from llmtrace.prices import TIER_THRESHOLDS
 from llmtrace.record import TABLE_NAME
 from llmtrace.topology import SINGLE, Topology
 
-MICROS_PER_HOUR = 3_600_000_000
-MICROS_PER_DAY = 86_400_000_000
 # The group keys of usage(), all kept by the hourly rollup.
 KEY_COLUMNS = (
     "organization_id",
@@ -228,10 +226,7 @@ def answerable(
 
 def _micros_into_period(value: datetime, micros: int) -> int:
     """How far ``value`` is into its UTC hour or day (periods of ``micros``), in microseconds."""
-    return ((as_utc(value) - _EPOCH) // timedelta(microseconds=1)) % micros
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+    return epoch_micros(as_utc(value)) % micros
 
 
 def rollup_clauses(rollup: Rollup, trace_filter: TraceFilter) -> list[ColumnElement[bool]]:

@@ -25,11 +25,11 @@ from llmtrace.cost import (
     trace_tokens,
 )
 from llmtrace.filters import TraceFilter
+from llmtrace.model import MICROS_PER_HOUR
 from llmtrace.record import TRACES_TABLE
 from llmtrace.rollup import (
     KEY_COLUMNS,
     MEASURES,
-    MICROS_PER_HOUR,
     PRICING_COLUMNS,
     ROLLUP_TABLES,
     SUMMED,
