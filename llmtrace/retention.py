@@ -60,7 +60,7 @@ from llmtrace.record import TABLE_NAME
 from llmtrace.rollup import ROLLUPS, existing
 from llmtrace.topology import Topology, resolve
 
-ROLLUP_TABLES = frozenset(rollup.table for rollup in ROLLUPS)
+_ROLLUP_TABLE_NAMES = frozenset(rollup.table for rollup in ROLLUPS)
 # Longest retention accepted. ClickHouse keeps a part's TTL bounds as 32-bit seconds, which end in February 2106;
 # 10,000 days (27 years) keeps created_at + retention below that for traces of this century's first 80 years.
 MAX_DAYS = 10_000
@@ -188,7 +188,7 @@ def set_retention(
     """
     wanted = Retention(rows_days=rows_days, payload_days=payload_days)
     retained = _retained(table, wanted)
-    if table in ROLLUP_TABLES:
+    if table in _ROLLUP_TABLE_NAMES:
         # Reports count every whole day the traces' retention keeps (TraceRepository.usage): a rollup that dropped
         # rows earlier would answer less than the traces, and one that kept them longer would keep expired data.
         raise ValueError(f"{table} keeps the row retention of {TABLE_NAME}: set that one, and the rollups follow it")

@@ -257,11 +257,6 @@ def existing(connection: Connection) -> frozenset[str]:
     return frozenset(rollup.name for rollup in ROLLUPS if rollup.table in found)
 
 
-def exists(connection: Connection) -> bool:
-    """Whether the database has the hourly rollup (migration 0005 or later)."""
-    return HOURLY.name in existing(connection)
-
-
 def refresh_statements(
     organization_id: str, first_day: datetime, last_day: datetime, present: frozenset[str], topology: Topology = SINGLE
 ) -> list[TextClause]:
