@@ -394,16 +394,18 @@ class TraceRepository:
         """The rollup that answers a report (``None``: the traces), given what was asked (see :meth:`usage`)."""
         if asked == "raw":
             return None
-        # Looked up for every report (about a millisecond): a migration or a downgrade while this repository lives
-        # adds or removes them.
-        present = existing(connection)
+        # Looked up for every report a rollup could answer (about a millisecond), not remembered: a migration or a
+        # downgrade while this repository lives adds or removes them.
+        present: frozenset[str] | None = None
         reasons = []
         for rollup in ROLLUPS:
             if asked not in ("auto", "rollup", rollup.name):
                 continue
             reason = answerable(rollup, trace_filter, percentiles, keys, granularity, prices_inside)
-            if reason is None and rollup.name not in present:
-                reason = f"the database has no {rollup.name} rollup yet (run the migrations: llmtrace migrate)"
+            if reason is None:
+                present = existing(connection) if present is None else present
+                if rollup.name not in present:
+                    reason = f"the database has no {rollup.name} rollup yet (run the migrations: llmtrace migrate)"
             if reason is None:
                 return rollup
             reasons.append(f"the {rollup.name} rollup: {reason}")
