@@ -24,7 +24,7 @@ import csv
 import io
 import json
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -139,12 +139,17 @@ class _RepeatedKeyError(ValueError):
         self.key = key
 
 
+def _first_repeated(names: Iterable[str]) -> str | None:
+    """The first name given more than once (a JSON key, a CSV or Parquet column), or ``None``."""
+    return next((name for name, count in Counter(names).items() if count > 1), None)
+
+
 def _refuse_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     # json.loads keeps the last of repeated keys without a word: a line that names organization_id twice would be
     # stored in whichever organization comes last. Such a line is ambiguous, and refused.
     value = dict(pairs)
     if len(value) != len(pairs):
-        raise _RepeatedKeyError(next(key for key, count in Counter(key for key, _ in pairs).items() if count > 1))
+        raise _RepeatedKeyError(str(_first_repeated(key for key, _ in pairs)))
     return value
 
 
@@ -181,10 +186,10 @@ def _read_csv(stream: BinaryIO) -> Iterator[tuple[int, Item]]:
     reader = csv.DictReader(text, restval=None)  # None: a row with fewer cells than the header
     start = 2
     try:
-        repeated = [name for name, count in Counter(reader.fieldnames or ()).items() if count > 1]
-        if repeated:
+        repeated = _first_repeated(reader.fieldnames or ())
+        if repeated is not None:
             # DictReader keeps the last cell of a name: which one was meant cannot be told.
-            yield 1, Unreadable(repeated[0], "the header names this column twice")
+            yield 1, Unreadable(repeated, "the header names this column twice")
             return
         for row in reader:
             yield start, _csv_item(row)
@@ -226,11 +231,11 @@ def _read_parquet(stream: BinaryIO) -> Iterator[tuple[int, Item]]:
     source: Any = stream if stream.seekable() else io.BytesIO(stream.read())
     try:
         file = parquet.ParquetFile(source)
-        repeated = [name for name, count in Counter(file.schema_arrow.names).items() if count > 1]
-        if repeated:
+        repeated = _first_repeated(file.schema_arrow.names)
+        if repeated is not None:
             # A row would keep one of the two values, and which one is meant cannot be told.
             raise ConfigurationError(
-                f"Cannot read the Parquet file: it has two columns named {repeated[0]}, and which one is meant "
+                f"Cannot read the Parquet file: it has two columns named {repeated}, and which one is meant "
                 "cannot be told."
             )
         number = 0
