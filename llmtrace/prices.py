@@ -486,6 +486,8 @@ def price_unpriced_models(engine: Engine, *, since: datetime | None = None) -> P
     the rows it gives (source ``genai-prices``). Run it after new models appear, or on a schedule; reports
     count the traces still unpriced (``UsageRow.unpriced_requests``).
     """
+    from clickhouse_connect.cc_sqlalchemy.sql import final
+
     from llmtrace.price_list import genai_price_rows
     from llmtrace.record import TRACES_TABLE
 
@@ -493,10 +495,12 @@ def price_unpriced_models(engine: Engine, *, since: datetime | None = None) -> P
     used = select(t.provider, t.model).distinct()
     if since is not None:
         used = used.where(t.created_at >= since)
+    p = PRICES_TABLE.c
+    # Read apart, as a top-level query: FINAL is lost in a subquery, and a price deleted but not yet merged away
+    # would otherwise still count.
+    priced = final(select(p.provider, p.model).distinct()).where(p.is_deleted == 0)
     with database_errors("finding unpriced models"), engine.connect() as connection:
-        # The priced names are read with FINAL (list_prices), apart: FINAL is lost in a subquery, and a price
-        # deleted but not yet merged away would otherwise still count.
-        known = {(price.provider, price.model) for price in list_prices(connection)}
+        known = {(row[0], row[1]) for row in connection.execute(priced)}
         pairs = [(row[0], row[1]) for row in connection.execute(used) if (row[0], row[1]) not in known]
     added: list[tuple[str, str]] = []
     rows: list[ModelPrice] = []
