@@ -28,9 +28,8 @@ BACKENDS = ["chdb"]
 def chdb_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """This test process's embedded data directory, one per process (so per xdist worker).
 
-    In memory (/dev/shm) where there is one: the tests are about what ClickHouse computes and keeps, not about the
-    disk, and on this machine's disk the parts each migration writes made a migrated database take about 2 s to
-    set up, most of the suite's time. Elsewhere, under pytest's temporary directory.
+    In memory (/dev/shm) where there is one, since the tests are about what ClickHouse computes and keeps, not about
+    the disk; elsewhere, under pytest's temporary directory.
     """
     in_memory = os.access("/dev/shm", os.W_OK)
     if in_memory:
