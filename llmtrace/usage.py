@@ -266,7 +266,45 @@ def period_totals(
 
 
 def priced_totals(hourly: Subquery, keys: tuple[str, ...], granularity: str | None, percentiles: str) -> Select[Any]:
-    """Sum hourly totals per group, pricing each hour's totals at the price in force for that hour."""
+    """Sum per group the period totals of ``hourly``, each priced at the price in force for its period."""
+    priced = priced_periods(hourly, keys, granularity).subquery("priced")
+    p = priced.c
+    paid = and_(p.priceable, not_(p.price_byok))
+    group_columns: list[ColumnElement[Any]] = [p[key] for key in keys]
+    if granularity is not None:
+        group_columns.insert(0, p.bucket)
+    measures = [
+        func.sum(p.requests).label("requests"),
+        func.sum(p.errors).label("errors"),
+        *(func.sum(p[name]).label(name) for name in SUMMED),
+        # divide() is ClickHouse's true division (Float64), which SQLAlchemy's "/" on integers does not render.
+        func.divide(func.sum(p.latency_sum), func.sum(p.requests)).label("latency_avg_ms"),
+        literal_column(f"{PERCENTILE_FUNCTIONS[percentiles]}Merge({_LEVELS})(priced.latency_state)").label(
+            "latency_percentiles"
+        ),
+        *(func.sumIf(p[name], paid).label(name) for name in COST_PARTS),
+        func.sumIf(total_cost({name: p[name] for name in COST_PARTS}), and_(p.priceable, p.price_byok)).label(
+            "byok_cost"
+        ),
+        func.sumIf(p.requests, not_(p.priceable)).label("unpriced_requests"),
+    ]
+    statement = (
+        select(*group_columns, *measures)
+        .select_from(priced)
+        .execution_options(settings={**USAGE_SETTINGS, **COST_SETTINGS})
+    )
+    if group_columns:
+        return statement.group_by(*group_columns).order_by(*group_columns)
+    # Without GROUP BY an aggregate query returns one row even over no traces; a report over nothing has no rows.
+    return statement.having(func.sum(p.requests) > 0)
+
+
+def priced_periods(hourly: Subquery, keys: tuple[str, ...], granularity: str | None) -> Select[Any]:
+    """Each period total of ``hourly`` with its cost parts (millionths of a dollar) and whether it is priceable.
+
+    A query of its own under the report's sums: each part is computed once here rather than once in each sum that
+    uses it, which keeps ClickHouse's analysis of the report short.
+    """
     h = hourly.c
     priced = join_prices(hourly, h.price_provider, h.price_model, h.price_hour)
     tokens = Tokens(
@@ -281,33 +319,15 @@ def priced_totals(hourly: Subquery, keys: tuple[str, ...], granularity: str | No
     )
     band = func.if_(priced.price("prompt_includes_cached"), h.band_prompt, h.band_with_cache)
     parts, priceable = cost_parts(priced, tokens, band_tier(priced, band))
-    platform_paid = and_(priceable, not_(h.price_byok))
-    total = total_cost(parts)
-    group_columns: list[ColumnElement[Any]] = [h[key] for key in keys]
+    passed = [h[key] for key in keys]
     if granularity is not None:
-        group_columns.insert(0, h.bucket)
-    measures = [
-        func.sum(h.requests).label("requests"),
-        func.sum(h.errors).label("errors"),
-        *(func.sum(h[name]).label(name) for name in SUMMED),
-        # divide() is ClickHouse's true division (Float64), which SQLAlchemy's "/" on integers does not render.
-        func.divide(func.sum(h.latency_sum), func.sum(h.requests)).label("latency_avg_ms"),
-        literal_column(f"{PERCENTILE_FUNCTIONS[percentiles]}Merge({_LEVELS})(hourly.latency_state)").label(
-            "latency_percentiles"
-        ),
-        *(func.sumIf(expression, platform_paid).label(name) for name, expression in parts.items()),
-        func.sumIf(total, and_(priceable, h.price_byok)).label("byok_cost"),
-        func.sumIf(h.requests, not_(priceable)).label("unpriced_requests"),
-    ]
-    statement = (
-        select(*group_columns, *measures)
-        .select_from(priced.from_)
-        .execution_options(settings={**USAGE_SETTINGS, **COST_SETTINGS})
-    )
-    if group_columns:
-        return statement.group_by(*group_columns).order_by(*group_columns)
-    # Without GROUP BY an aggregate query returns one row even over no traces; a report over nothing has no rows.
-    return statement.having(func.sum(h.requests) > 0)
+        passed.append(h.bucket)
+    passed += [h[name] for name in ("requests", "errors", *SUMMED, "latency_sum", "latency_state", "price_byok")]
+    return select(
+        *passed,
+        priceable.label("priceable"),
+        *(expression.label(name) for name, expression in parts.items()),
+    ).select_from(priced.from_)
 
 
 _LEVELS = ", ".join(map(str, PERCENTILES))
