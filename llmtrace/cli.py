@@ -114,6 +114,7 @@ class Percentiles(enum.StrEnum):
 
     EXACT = "exact"
     APPROXIMATE = "approximate"
+    NONE = "none"
 
 
 URL_HELP = f"Database URL [default: ${ENV_VAR}, else the embedded engine in ./.llmtrace/chdb]."
@@ -372,7 +373,10 @@ def usage(
     ] = None,
     where: Where = None,
     percentiles: Annotated[
-        Percentiles, typer.Option(help="Exact latency percentiles, or approximate ones in bounded memory.")
+        Percentiles,
+        typer.Option(
+            help="Exact latency percentiles, approximate ones in bounded memory, or none (the fastest reports)."
+        ),
     ] = Percentiles.EXACT,
     output_format: Annotated[OutputFormat, typer.Option("--format", help="How to print the report.")] = (
         OutputFormat.TABLE
@@ -410,7 +414,7 @@ def usage(
             since=start,
             until=end,
             granularity=bucket,
-            percentiles=percentiles.value,
+            percentiles=None if percentiles is Percentiles.NONE else percentiles.value,
             **filters,
         )
 
@@ -434,6 +438,8 @@ def usage(
                 )
                 stderr_console().print(Text(advice, style="dim"))
             left_out = usage_report.unreported(rows)
+            if percentiles is Percentiles.NONE:  # not computed, rather than reported by no trace
+                left_out = [name for name in left_out if name not in usage_report.PERCENTILE_MEASURES]
             if left_out:
                 console.print(Text(f"Not reported by any trace: {', '.join(left_out)}.", style="dim"))
     if chart is not None:

@@ -308,7 +308,7 @@ class TraceRepository:
         since: datetime | None = None,
         until: datetime | None = None,
         granularity: str | None = None,
-        percentiles: str = "exact",
+        percentiles: str | None = "exact",
         source: str = "auto",
         **filters: Any,
     ) -> builtins.list[UsageRow]:
@@ -322,9 +322,11 @@ class TraceRepository:
             since: Only traces created at or after this instant.
             until: Only traces created before this instant.
             granularity: ``"hour"``, ``"day"`` or ``"month"`` to add a UTC time bucket, or ``None``.
-            percentiles: ``"exact"`` latency percentiles (memory grows with the number of traces per group) or
+            percentiles: ``"exact"`` latency percentiles (memory grows with the number of traces per group),
                 ``"approximate"`` ones (a t-digest: bounded memory, usually within about 1%), for reports
-                over very many traces; only approximate ones can come from a rollup.
+                over very many traces, or ``None`` for none (the ``latency_p*`` fields are ``None``): the
+                fastest, for cost and token reports. Only approximate percentiles or none can come from a rollup;
+                merging its percentile states is most of the time a rollup report takes over many groups.
             source: Where the totals come from: ``"auto"`` (the daily rollup, else the hourly one, whenever it can
                 answer exactly what the traces would, else the traces), ``"raw"`` (always the traces),
                 ``"rollup"`` (the first rollup that can answer, or ``ValueError`` saying why none can), or
@@ -386,7 +388,7 @@ class TraceRepository:
         connection: Connection,
         asked: str,
         trace_filter: TraceFilter,
-        percentiles: str,
+        percentiles: str | None,
         keys: tuple[str, ...],
         granularity: str | None,
         prices_inside: bool,

@@ -194,7 +194,7 @@ HAND_WRITTEN = frozenset(name for rollup in ROLLUPS for name in (rollup.table, r
 def answerable(
     rollup: Rollup,
     trace_filter: TraceFilter,
-    percentiles: str,
+    percentiles: str | None,
     keys: tuple[str, ...],
     granularity: str | None,
     prices_change_inside_days: bool,
@@ -204,8 +204,8 @@ def answerable(
     ``prices_change_inside_days``: whether a price takes effect at another time than midnight UTC in the
     report's range (a day's totals could then need two prices).
     """
-    if percentiles != "approximate":
-        return "exact percentiles need every latency (pass percentiles='approximate')"
+    if percentiles == "exact":
+        return "exact percentiles need every latency (pass percentiles='approximate', or None for none)"
     for name in ("run_id", "step_id", "trace_id"):
         if getattr(trace_filter, name) is not None:
             return f"the {name} filter names single traces"

@@ -46,6 +46,7 @@ PERCENTILES = (0.5, 0.95, 0.99)
 # How latency percentiles are computed. "exact" keeps every latency of a group in memory while the query runs;
 # "approximate" (a t-digest) uses a few kilobytes per group, whatever its size, and is usually within about
 # 1% of the exact value: the choice for reports over very many traces, such as all organizations over months.
+# None computes none: the fastest reports, from the rollups too, whose percentile states are costly to merge.
 PERCENTILE_FUNCTIONS = {"exact": "quantilesExact", "approximate": "quantilesTDigest"}
 # ClickHouse's toStartOfHour/Day/Month return DateTime/Date by default, whose range (1970 to 2106, 2149 for Date)
 # is narrower than created_at's (1900 to 2299): earlier and later traces would be clamped into one bucket. With
@@ -78,9 +79,10 @@ class UsageRow:
         request_bytes: Sum of request payload sizes.
         response_bytes: Sum of response payload sizes.
         latency_avg_ms: Mean latency.
-        latency_p50_ms: Median latency (exact unless approximate percentiles were asked for).
-        latency_p95_ms: 95th percentile latency.
-        latency_p99_ms: 99th percentile latency.
+        latency_p50_ms: Median latency (exact unless approximate percentiles were asked for; ``None`` when no
+            percentiles were).
+        latency_p95_ms: 95th percentile latency (``None`` likewise).
+        latency_p99_ms: 99th percentile latency (``None`` likewise).
         cost: What the traces cost the platform, in USD: every priced trace that is not BYOK, at the price
             in force at its time (see llmtrace.cost). The sum of the six parts below.
         input_cost: Of ``cost``, input tokens not read from or written to the cache.
@@ -109,9 +111,9 @@ class UsageRow:
     request_bytes: int
     response_bytes: int
     latency_avg_ms: float
-    latency_p50_ms: float
-    latency_p95_ms: float
-    latency_p99_ms: float
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    latency_p99_ms: float | None
     cost: Decimal
     input_cost: Decimal
     cached_input_cost: Decimal
@@ -131,7 +133,7 @@ class UsageRow:
         raise AttributeError(f"UsageRow has no attribute {name!r} (group keys: {', '.join(group) or 'none'})")
 
 
-def validate_grouping(group_by: Sequence[str], granularity: str | None, percentiles: str) -> tuple[str, ...]:
+def validate_grouping(group_by: Sequence[str], granularity: str | None, percentiles: str | None) -> tuple[str, ...]:
     """Check ``group_by``, ``granularity`` and ``percentiles``, and return the group keys as a tuple.
 
     Raises:
@@ -150,8 +152,10 @@ def validate_grouping(group_by: Sequence[str], granularity: str | None, percenti
         raise ValueError(f"group_by: {keys!r} repeats a key")
     if granularity is not None and granularity not in GRANULARITIES:
         raise ValueError(f"granularity: unknown value {granularity!r}; use one of {', '.join(GRANULARITIES)} or None")
-    if percentiles not in PERCENTILE_FUNCTIONS:
-        raise ValueError(f"percentiles: unknown value {percentiles!r}; use one of {', '.join(PERCENTILE_FUNCTIONS)}")
+    if percentiles is not None and percentiles not in PERCENTILE_FUNCTIONS:
+        raise ValueError(
+            f"percentiles: unknown value {percentiles!r}; use one of {', '.join(PERCENTILE_FUNCTIONS)} or None"
+        )
     return keys
 
 
@@ -174,7 +178,7 @@ def bucket_expression(granularity: str, time: ColumnElement[Any] | None = None) 
 def usage_statement(
     keys: tuple[str, ...],
     granularity: str | None,
-    percentiles: str,
+    percentiles: str | None,
     trace_filter: TraceFilter,
     source: Rollup | None = None,
     price_period: int = MICROS_PER_HOUR,
@@ -189,7 +193,7 @@ def usage_statement(
     if source is None:
         totals = period_totals(keys, granularity, percentiles, trace_filter, price_period)
     else:
-        totals = rollup_period_totals(source, keys, granularity, trace_filter, price_period)
+        totals = rollup_period_totals(source, keys, granularity, percentiles, trace_filter, price_period)
     return priced_totals(totals.subquery("hourly"), keys, granularity, percentiles)
 
 
@@ -202,7 +206,12 @@ def period_start(time: ColumnElement[Any], micros: int = MICROS_PER_HOUR) -> Col
 
 
 def rollup_period_totals(
-    rollup: Rollup, keys: tuple[str, ...], granularity: str | None, trace_filter: TraceFilter, price_period: int
+    rollup: Rollup,
+    keys: tuple[str, ...],
+    granularity: str | None,
+    percentiles: str | None,
+    trace_filter: TraceFilter,
+    price_period: int,
 ) -> Select[Any]:
     """:func:`period_totals` read from a rollup: its rows merged per pricing period and group (see llmtrace.rollup)."""
     r = ROLLUP_TABLES[rollup.name].c
@@ -217,17 +226,20 @@ def rollup_period_totals(
         (time if price_period <= rollup.micros else period_start(time, price_period)).label("price_hour"),
         *(r[name] for name in PRICING_COLUMNS),
     ]
-    measures = [
-        *(func.sum(r[name]).label(name) for name in MEASURES),
-        literal_column(f"quantilesTDigestMergeState({_LEVELS})(latency_state)").label("latency_state"),
-    ]
+    measures = [func.sum(r[name]).label(name) for name in MEASURES]
+    if percentiles is not None:
+        measures.append(literal_column(f"quantilesTDigestMergeState({_LEVELS})(latency_state)").label("latency_state"))
     statement = select(*dimensions, *measures).select_from(ROLLUP_TABLES[rollup.name])
     statement = statement.where(*rollup_clauses(rollup, trace_filter))
     return statement.group_by(*(literal_column(f"`{d.name}`") for d in dimensions))
 
 
 def period_totals(
-    keys: tuple[str, ...], granularity: str | None, percentiles: str, trace_filter: TraceFilter, price_period: int
+    keys: tuple[str, ...],
+    granularity: str | None,
+    percentiles: str | None,
+    trace_filter: TraceFilter,
+    price_period: int,
 ) -> Select[Any]:
     """Per pricing period and group, the traces' totals, split further by what pricing needs to know of each trace."""
     c = TABLE.c
@@ -258,14 +270,18 @@ def period_totals(
         func.sum(func.toUInt128(c.request_size_bytes)).label("request_bytes"),
         func.sum(func.toUInt128(c.response_size_bytes)).label("response_bytes"),
         func.sum(func.toUInt64(c.latency_ms)).label("latency_sum"),
-        # A parametric aggregate, f(params)(column), which SQLAlchemy's func cannot spell; constant SQL only.
-        literal_column(f"{PERCENTILE_FUNCTIONS[percentiles]}State({_LEVELS})(latency_ms)").label("latency_state"),
     ]
+    if percentiles is not None:
+        # A parametric aggregate, f(params)(column), which SQLAlchemy's func cannot spell; constant SQL only.
+        state = f"{PERCENTILE_FUNCTIONS[percentiles]}State({_LEVELS})(latency_ms)"
+        measures.append(literal_column(state).label("latency_state"))
     statement = select(*dimensions, *measures)
     return trace_filter.apply(statement).group_by(*(literal_column(f"`{d.name}`") for d in dimensions))
 
 
-def priced_totals(hourly: Subquery, keys: tuple[str, ...], granularity: str | None, percentiles: str) -> Select[Any]:
+def priced_totals(
+    hourly: Subquery, keys: tuple[str, ...], granularity: str | None, percentiles: str | None
+) -> Select[Any]:
     """Sum per group the period totals of ``hourly``, each priced at the price in force for its period."""
     priced = priced_periods(hourly, keys, granularity).subquery("priced")
     p = priced.c
@@ -279,15 +295,15 @@ def priced_totals(hourly: Subquery, keys: tuple[str, ...], granularity: str | No
         *(func.sum(p[name]).label(name) for name in SUMMED),
         # divide() is ClickHouse's true division (Float64), which SQLAlchemy's "/" on integers does not render.
         func.divide(func.sum(p.latency_sum), func.sum(p.requests)).label("latency_avg_ms"),
-        literal_column(f"{PERCENTILE_FUNCTIONS[percentiles]}Merge({_LEVELS})(priced.latency_state)").label(
-            "latency_percentiles"
-        ),
         *(func.sumIf(p[name], paid).label(name) for name in COST_PARTS),
         func.sumIf(total_cost({name: p[name] for name in COST_PARTS}), and_(p.priceable, p.price_byok)).label(
             "byok_cost"
         ),
         func.sumIf(p.requests, not_(p.priceable)).label("unpriced_requests"),
     ]
+    if percentiles is not None:
+        merged = f"{PERCENTILE_FUNCTIONS[percentiles]}Merge({_LEVELS})(priced.latency_state)"
+        measures.append(literal_column(merged).label("latency_percentiles"))
     statement = (
         select(*group_columns, *measures)
         .select_from(priced)
@@ -322,7 +338,9 @@ def priced_periods(hourly: Subquery, keys: tuple[str, ...], granularity: str | N
     passed = [h[key] for key in keys]
     if granularity is not None:
         passed.append(h.bucket)
-    passed += [h[name] for name in ("requests", "errors", *SUMMED, "latency_sum", "latency_state", "price_byok")]
+    passed += [h[name] for name in ("requests", "errors", *SUMMED, "latency_sum", "price_byok")]
+    if "latency_state" in h:
+        passed.append(h.latency_state)
     return select(
         *passed,
         priceable.label("priceable"),
@@ -331,6 +349,7 @@ def priced_periods(hourly: Subquery, keys: tuple[str, ...], granularity: str | N
 
 
 _LEVELS = ", ".join(map(str, PERCENTILES))
+NO_PERCENTILES = (None, None, None)
 
 
 def usage_row(
@@ -338,7 +357,9 @@ def usage_row(
 ) -> UsageRow:
     """Build a :class:`UsageRow` from one result row of :func:`usage_statement`."""
     group = {key: (values[key] or None) if key in _EMPTY_MEANS_NONE else values[key] for key in keys}
-    p50, p95, p99 = values["latency_percentiles"]
+    p50, p95, p99 = (
+        (float(p) for p in values["latency_percentiles"]) if "latency_percentiles" in values else NO_PERCENTILES
+    )
     parts = {name: dollars(values[name]) for name in COST_PARTS}
     return UsageRow(
         group=group,
@@ -354,9 +375,9 @@ def usage_row(
         request_bytes=values["request_bytes"],
         response_bytes=values["response_bytes"],
         latency_avg_ms=float(values["latency_avg_ms"]),
-        latency_p50_ms=float(p50),
-        latency_p95_ms=float(p95),
-        latency_p99_ms=float(p99),
+        latency_p50_ms=p50,
+        latency_p95_ms=p95,
+        latency_p99_ms=p99,
         cost=sum(parts.values(), start=Decimal(0)),
         **parts,
         byok_cost=dollars(values["byok_cost"]),

@@ -27,6 +27,7 @@ BUCKET = "bucket"
 GROUP = "group"
 # How the table shows a bucket's start, per granularity.
 BUCKET_FORMATS = {"hour": "%Y-%m-%d %H:%M", "day": "%Y-%m-%d", "month": "%Y-%m"}
+PERCENTILE_MEASURES = ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms")
 
 
 def measure_names(rows: Sequence[UsageRow] = ()) -> list[str]:

@@ -79,6 +79,9 @@ CASES = [
     ),
     pytest.param(["--all-organizations", "--by", "", "--where", "is_error=false", "--granularity", "hour"],
                  {"organization": "*", "group_by": [], "granularity": "hour", "is_error": False}, id="total-per-hour"),
+    pytest.param(["--all-organizations", "--by", "model", "--granularity", "day", "--percentiles", "none"],
+                 {"organization": "*", "group_by": ["model"], "granularity": "day", "percentiles": None},
+                 id="without-percentiles"),
 ]  # fmt: skip
 
 
@@ -130,6 +133,15 @@ def test_table_is_titled_and_shows_every_measure(seeded: str) -> None:
     assert "cache write" not in header
     assert "2026-10-20" in result.stdout and "agent-2-0" in result.stdout
     assert "(none)" in result.stdout  # the traces without an agent
+
+
+def test_a_table_without_percentiles_leaves_their_columns_out_without_calling_them_unreported(seeded: str) -> None:
+    result = llmtrace("usage", "--org", "org-2", "--by", "model", "--percentiles", "none", url=seeded)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header = lines[1] + " " + lines[2]
+    assert "p50" not in header and "p99" not in header and "avg" in header
+    assert lines[-1] == "Not reported by any trace: cache_write_tokens."
 
 
 def png_size(data: bytes) -> tuple[int, int]:

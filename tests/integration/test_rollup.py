@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
@@ -96,6 +97,21 @@ def assert_rollup_answers_like_the_traces(
         assert comparable(rolled) == comparable(raw), (rollup.name, report)
 
 
+def assert_reports_without_percentiles_are_exact(repository: TraceRepository, **report: Any) -> None:
+    """Without percentiles, every source that answers ``report`` gives the same rows, whole, and the same totals
+    as a report with them."""
+    raw = repository.usage(percentiles=None, source="raw", **report)
+    assert raw, report
+    assert all(row.latency_p50_ms is row.latency_p95_ms is row.latency_p99_ms is None for row in raw)
+    assert comparable(raw) == comparable(repository.usage(percentiles="approximate", source="raw", **report))
+    for rollup in ROLLUPS:
+        if rollup is DAILY and not daily_can_answer(report):
+            continue
+        rolled = repository.usage(percentiles=None, source=rollup.name, **report)
+        assert {row.source for row in rolled} == {rollup.name}
+        assert [replace(row, source="raw") for row in rolled] == raw, (rollup.name, report)
+
+
 @pytest.fixture
 def repository(migrated_engine: Engine) -> TraceRepository:
     repository = TraceRepository(migrated_engine)
@@ -124,6 +140,16 @@ def test_every_grouping_and_granularity_matches_the_traces(repository: TraceRepo
     )
 
 
+def test_reports_without_percentiles_are_exact_from_every_source(repository: TraceRepository) -> None:
+    for keys, granularity in itertools.product([(), *((key,) for key in GROUP_KEYS)], (None, "hour", "day")):
+        assert_reports_without_percentiles_are_exact(
+            repository, organization_id=ALL_ORGANIZATIONS, group_by=keys, granularity=granularity
+        )
+    assert_reports_without_percentiles_are_exact(
+        repository, organization_id="org-0", group_by=("model",), since=(END - timedelta(days=2)).replace(hour=0)
+    )
+
+
 def test_auto_uses_the_coarsest_rollup_that_answers_exactly(repository: TraceRepository) -> None:
     def source(**report: Any) -> set[str]:
         return {row.source for row in repository.usage(ALL_ORGANIZATIONS, **report)}
@@ -140,6 +166,8 @@ def test_auto_uses_the_coarsest_rollup_that_answers_exactly(repository: TraceRep
         "daily"
     }
     assert source() == {"raw"}  # exact percentiles need every latency
+    assert source(percentiles=None) == {"daily"}
+    assert source(percentiles=None, group_by=("agent_id",)) == {"hourly"}
     assert source(percentiles="approximate", run_id="run-00000001") <= {"raw"}
     assert source(percentiles="approximate", since=END - timedelta(days=3, minutes=30)) == {"raw"}
     cases = [
