@@ -3,13 +3,16 @@
 Traces are generated inside ClickHouse (INSERT ... SELECT from numbers()), so that ten million take a minute
 rather than an hour of Python: a skewed multi-tenant platform (Zipf-like organizations, a few agents each,
 five models, 90 days, small payloads), written through the materialized views like any insert. Each report
-runs from the traces (``source="raw"``) and from each rollup that can answer it (approximate percentiles
-everywhere), results are compared (everything but the percentiles must be equal), and the medians of
-``--rounds`` runs are printed with the speed-up over the scan. It also prints what the views cost an insert: the
-same INSERT ... SELECT with and without them.
+runs from the traces (``source="raw"``) and from each rollup that can answer it, results are compared
+(everything but the percentiles must be equal), and the medians of
+``--rounds`` runs are printed with the speed-up over the scan. Each report runs twice: with approximate latency
+percentiles (merging the rollups' t-digest states is most of their time) and without percentiles
+(``percentiles=None``: cost and token reports, exact from every source). It also prints what the views cost an
+insert: the same INSERT ... SELECT with and without them.
 
     .venv/bin/python benchmarks/rollup.py --traces 10000000             # 90 days: about 110k traces a day
     .venv/bin/python benchmarks/rollup.py --traces 10000000 --days 1    # a busy platform: 10M traces a day
+    LLMTRACE_BENCH_DIR=/var/tmp .venv/bin/python benchmarks/rollup.py --traces 100000000 --days 30 --rounds 3
 
 How much a rollup gains depends on how many traces share a row: over 90 days the 2,000 organizations' agents
 see about one trace an hour each, and a rollup row holds little more than a trace.
@@ -117,9 +120,16 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=DAYS, help="the days the traces are spread over")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--add-many", type=int, default=100_000, help="traces for the add_many comparison")
+    parser.add_argument("--skip-writes", action="store_true", help="leave out what the views cost inserts")
     args = parser.parse_args()
 
-    # What the views cost an insert: the same generated traces into a table with and without them.
+    if not args.skip_writes:
+        write_costs(args)
+    reads(args)
+
+
+def write_costs(args: argparse.Namespace) -> None:
+    """What the views cost an insert: the same generated traces into a table with and without them."""
     sample = min(args.traces, 1_000_000)
     with_view = fresh_engine()
     seconds_with = generate(with_view, sample)
@@ -158,6 +168,9 @@ def main() -> None:
         f"-> {seconds[False] / seconds[True]:.2f}x the throughput"
     )
 
+
+def reads(args: argparse.Namespace) -> None:
+    """Each report from the traces and from each rollup that can answer it, with and without percentiles."""
     engine = fresh_engine()
     print(f"generating {args.traces:,} traces over {args.days} days")
     generate(engine, args.traces, args.days)
@@ -188,26 +201,34 @@ def main() -> None:
             "granularity": "day",
         },
     }
-    print(f"median of {args.rounds} runs, approximate percentiles everywhere:")
-    for name, report in reports.items():
+    for percentiles in ("approximate", None):
+        print(f"median of {args.rounds} runs, percentiles={percentiles!r}:")
+        for name, report in reports.items():
+            print(f"  {name:<42} " + compare(repository, since, percentiles, report, args.rounds), flush=True)
 
-        def run(source: str, report: dict[str, Any] = report) -> list[UsageRow]:
-            return repository.usage(since=since, percentiles="approximate", source=source, **report)
 
-        raw_rows = run("raw")
-        raw = median_seconds(lambda: run("raw"), args.rounds)
-        line = f"  {name:<42} raw {raw * 1000:7.0f} ms"
-        for rollup in (HOURLY, DAILY):
-            try:
-                rolled_rows = run(rollup.name)
-            except ValueError:
-                line += f"   {rollup.name} (cannot answer)"
-                continue
-            if comparable(raw_rows) != comparable(rolled_rows):
-                sys.exit(f"the {rollup.name} rollup's answer differs from the traces' for {name}")
-            rolled = median_seconds(lambda: run(rollup.name), args.rounds)  # noqa: B023
-            line += f"   {rollup.name} {rolled * 1000:6.0f} ms {raw / rolled:6.1f}x"
-        print(line + "   results equal")
+def compare(
+    repository: TraceRepository, since: datetime, percentiles: str | None, report: dict[str, Any], rounds: int
+) -> str:
+    """One report from the traces and from each rollup: times, speed-ups, and whether the results are equal."""
+
+    def run(source: str) -> list[UsageRow]:
+        return repository.usage(since=since, percentiles=percentiles, source=source, **report)
+
+    raw_rows = run("raw")
+    raw = median_seconds(lambda: run("raw"), rounds)
+    line = f"raw {raw * 1000:7.0f} ms"
+    for rollup in (HOURLY, DAILY):
+        try:
+            rolled_rows = run(rollup.name)
+        except ValueError:
+            line += f"   {rollup.name} (cannot answer)"
+            continue
+        if comparable(raw_rows) != comparable(rolled_rows):
+            sys.exit(f"the {rollup.name} rollup's answer differs from the traces' for {report}")
+        rolled = median_seconds(lambda: run(rollup.name), rounds)  # noqa: B023
+        line += f"   {rollup.name} {rolled * 1000:6.0f} ms {raw / rolled:6.1f}x"
+    return line + "   results equal"
 
 
 if __name__ == "__main__":
