@@ -11,7 +11,7 @@ import builtins
 import operator
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, func, select
@@ -30,7 +30,7 @@ from llmtrace.ingest import (
     validated_batches,
     write_batch,
 )
-from llmtrace.model import MICROS_PER_DAY, MICROS_PER_HOUR, LLMTrace, as_utc
+from llmtrace.model import MICROS_PER_DAY, MICROS_PER_HOUR, LLMTrace
 from llmtrace.pagination import Position, TracePage, decode_cursor, encode_cursor
 from llmtrace.prices import prices_change_inside_days
 from llmtrace.record import TABLE_NAME, TRACES_TABLE
@@ -371,12 +371,9 @@ class TraceRepository:
         client = driver_client(connection)
         topology = self._deployment(client)
         retention, now = read_row_retention(client, topology.storage_table(TABLE_NAME))
-        if retention.rows_days is None:
+        cutoff = retention.first_whole_day(now)
+        if cutoff is None:
             return trace_filter
-        expired_before = as_utc(now) - timedelta(days=retention.rows_days)
-        cutoff = expired_before.replace(hour=0, minute=0, second=0, microsecond=0)
-        if cutoff < expired_before:
-            cutoff += timedelta(days=1)
         if trace_filter.since is not None and trace_filter.since >= cutoff:
             return trace_filter
         if trace_filter.until is not None and trace_filter.until <= cutoff:

@@ -56,6 +56,7 @@ from sqlalchemy import Engine
 from llmtrace.ddl import SchemaDDL
 from llmtrace.engine import driver_client, is_embedded
 from llmtrace.errors import ConfigurationError, SchemaNotMigratedError, database_errors
+from llmtrace.model import as_utc
 from llmtrace.record import TABLE_NAME
 from llmtrace.rollup import ROLLUPS, existing
 from llmtrace.topology import Topology, resolve
@@ -133,6 +134,19 @@ class Retention:
     def cutoff(self, now: datetime) -> datetime | None:
         """The ``created_at`` before which rows are expired at ``now``; ``None`` without row retention."""
         return None if self.rows_days is None else now - timedelta(days=self.rows_days)
+
+    def first_whole_day(self, now: datetime) -> datetime | None:
+        """The first UTC midnight from which every day's rows are all kept at ``now``; ``None`` without row
+        retention.
+
+        Always the midnight after :meth:`cutoff`, even when the cutoff falls exactly on a midnight: a row is
+        expired once its TTL time is reached, so the rows at that midnight are already gone, and so is the
+        rollups' row for that day (its TTL is on the day's start).
+        """
+        cutoff = self.cutoff(as_utc(now))
+        if cutoff is None:
+            return None
+        return cutoff.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
 
 
 def _check_days(name: str, days: object) -> None:

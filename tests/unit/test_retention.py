@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -95,3 +96,23 @@ def test_a_cluster_alters_the_local_table_on_every_host() -> None:
     assert statements(Retention(), Retention(30, 7), ddl=SchemaDDL(SINGLE)) == [
         s.replace("`traces`.`llm_traces_local` ON CLUSTER 'traces-eu'", "`llm_traces`") for s in rendered
     ]
+
+
+@pytest.mark.parametrize(
+    ("now", "first_day"),
+    [
+        # The cutoff (now - 30 days) exactly on a midnight: the rows at that instant are already expired, and so
+        # is the rollups' row for that day, so the first day kept whole is the next one.
+        (datetime(2026, 12, 4, 0, 0, tzinfo=UTC), datetime(2026, 11, 5, tzinfo=UTC)),
+        (datetime(2026, 12, 4, 0, 0, 0, 1, tzinfo=UTC), datetime(2026, 11, 5, tzinfo=UTC)),
+        (datetime(2026, 12, 4, 23, 59, 59, 999999, tzinfo=UTC), datetime(2026, 11, 5, tzinfo=UTC)),
+        # A server time in another zone is the same instant.
+        (
+            datetime(2026, 12, 4, 5, 30, tzinfo=timezone(timedelta(hours=5, minutes=30))),
+            datetime(2026, 11, 5, tzinfo=UTC),
+        ),
+    ],
+)
+def test_reports_start_at_the_first_day_the_row_retention_keeps_whole(now: datetime, first_day: datetime) -> None:
+    assert Retention(rows_days=30).first_whole_day(now) == first_day
+    assert Retention().first_whole_day(now) is None
