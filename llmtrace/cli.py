@@ -438,8 +438,6 @@ def usage(
                 )
                 stderr_console().print(Text(advice, style="dim"))
             left_out = usage_report.unreported(rows)
-            if percentiles is Percentiles.NONE:  # not computed, rather than reported by no trace
-                left_out = [name for name in left_out if name not in usage_report.PERCENTILE_MEASURES]
             if left_out:
                 console.print(Text(f"Not reported by any trace: {', '.join(left_out)}.", style="dim"))
     if chart is not None:

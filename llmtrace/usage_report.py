@@ -90,11 +90,11 @@ def table(rows: Sequence[UsageRow], keys: Sequence[str], *, granularity: str | N
     """A Rich table of the report, for reading at a glance; CSV and JSON carry the exact values.
 
     Numbers are right-aligned with thousands separators; a column of counts that reach a million is shown in
-    k/M/B (sizes in ``*_bytes`` columns in kB/MB/GB); unknown values are "-". Measures that no row reported
-    (``None`` throughout) are left out and named by :func:`unreported`.
+    k/M/B (sizes in ``*_bytes`` columns in kB/MB/GB); unknown values are "-". Measures that are ``None`` in every
+    row are left out: those no trace reported (named by :func:`unreported`), and percentiles not asked for.
     """
     found = records(rows, keys)
-    measures = [name for name in measure_names(rows) if name not in unreported(rows)]
+    measures = [name for name in measure_names(rows) if any(getattr(row, name) is not None for row in rows)]
     shown = [*([BUCKET] if granularity is not None else []), *keys, *measures]
     formats = {name: _column_format(name, [record[name] for record in found]) for name in measures}
     bucket_format = BUCKET_FORMATS[granularity or "day"]
@@ -122,10 +122,18 @@ def table(rows: Sequence[UsageRow], keys: Sequence[str], *, granularity: str | N
 
 
 def unreported(rows: Sequence[UsageRow]) -> list[str]:
-    """The measures that are ``None`` in every row (no trace reported them), in declaration order."""
+    """The measures that are ``None`` in every row because no trace reported them, in declaration order.
+
+    Latency percentiles are left out: every trace has a latency, so they are ``None`` only in a report that asked
+    for none (``percentiles=None``), which is not something the traces failed to report.
+    """
     if not rows:
         return []
-    return [name for name in measure_names(rows) if all(getattr(row, name) is None for row in rows)]
+    return [
+        name
+        for name in measure_names(rows)
+        if name not in PERCENTILE_MEASURES and all(getattr(row, name) is None for row in rows)
+    ]
 
 
 def _header(name: str) -> str:

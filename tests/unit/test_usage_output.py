@@ -9,7 +9,7 @@ import csv
 import io
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -125,6 +125,15 @@ def test_table_shows_new_measures() -> None:
     assert usage_report.unreported(ROWS) == ["cached_input_tokens", "reasoning_tokens"]
     assert "1,180,591,620.7 TB" in text  # 2**70 bytes: sizes in a column that reaches a million bytes are compact
     assert "1.2M" in text and "800.0k" in text  # so are counts in such a column
+
+
+def test_percentiles_not_asked_for_are_left_out_and_not_called_unreported() -> None:
+    rows = [replace(r, latency_p50_ms=None, latency_p95_ms=None, latency_p99_ms=None) for r in ROWS]
+    assert usage_report.unreported(rows) == ["cached_input_tokens", "reasoning_tokens"]
+    console = Console(width=400, record=True)
+    console.print(usage_report.table(rows, ["model"], granularity="day"))
+    header = " ".join(" ".join(console.export_text().splitlines()[:2]).split())
+    assert "p50" not in header and "p99" not in header and "avg" in header
 
 
 def png_size(path: Path) -> tuple[int, int]:
