@@ -152,7 +152,7 @@ def validate_grouping(group_by: Sequence[str], granularity: str | None, percenti
         raise ValueError(f"group_by: {keys!r} repeats a key")
     if granularity is not None and granularity not in GRANULARITIES:
         raise ValueError(f"granularity: unknown value {granularity!r}; use one of {', '.join(GRANULARITIES)} or None")
-    if percentiles is not None and percentiles not in PERCENTILE_FUNCTIONS:
+    if percentiles is not None and (not isinstance(percentiles, str) or percentiles not in PERCENTILE_FUNCTIONS):
         raise ValueError(
             f"percentiles: unknown value {percentiles!r}; use one of {', '.join(PERCENTILE_FUNCTIONS)} or None"
         )
