@@ -16,6 +16,7 @@ from sqlalchemy import Engine, text
 
 from llmtrace import LLMTrace, TraceRepository, get_engine
 from llmtrace.migrations import upgrade
+from llmtrace.rollup import ROLLUPS
 
 # One scratch directory per benchmark process: chDB allows one process per data directory. It lives in memory
 # (/dev/shm) where available: the contenders differ in CPU work, and disk writeback from earlier rounds made
@@ -25,18 +26,23 @@ SCRATCH = Path(tempfile.mkdtemp(prefix="llmtrace-bench-", dir=_PARENT))
 atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
 
 
-def fresh_engine(*, merges: bool = True) -> Engine:
+def fresh_engine(*, merges: bool = True, views: bool = True) -> Engine:
     """An engine on a new, migrated database in the benchmarks' scratch directory.
 
     Args:
         merges: Leave background merges on. Ingest comparisons turn them off: merges start at random moments
             on the machine's second core and made identical runs differ by 20%.
+        views: Keep the rollups' materialized views; without them an insert writes only the traces, which shows
+            what the views cost.
     """
     engine = get_engine(f"chdb:///{SCRATCH}?database=bench_{uuid.uuid4().hex[:8]}")
     upgrade(engine)
-    if not merges:
-        with engine.connect() as connection:
+    with engine.connect() as connection:
+        if not merges:
             connection.execute(text("SYSTEM STOP MERGES llm_traces"))
+        if not views:
+            for rollup in ROLLUPS:
+                connection.execute(text(f"DROP VIEW {rollup.view}"))
     return engine
 
 
@@ -47,9 +53,11 @@ def drop(engine: Engine) -> None:
     engine.dispose()
 
 
-def add_many_seconds(traces: Sequence[LLMTrace], batch_size: int, *, merges: bool = True, **options: bool) -> float:
+def add_many_seconds(
+    traces: Sequence[LLMTrace], batch_size: int, *, merges: bool = True, views: bool = True, **options: bool
+) -> float:
     """Seconds TraceRepository.add_many takes to write ``traces`` into a fresh table."""
-    engine = fresh_engine(merges=merges)
+    engine = fresh_engine(merges=merges, views=views)
     repository = TraceRepository(engine)
     seconds = timed(lambda: repository.add_many(traces, batch_size=batch_size, **options))
     drop(engine)

@@ -11,7 +11,10 @@ order" is what a live service produces, traces arriving in the order they were c
 backfill of shuffled history) is the worst case for add_many's stored-trace lookup, whose cost follows how
 many granules of the sort key a batch's keys fall into.
 
-    .venv/bin/python benchmarks/ingest.py [--traces N] [--rounds R] [--tenants few|many|both]
+    .venv/bin/python benchmarks/ingest.py [--traces N] [--rounds R] [--tenants few|many|both] [--without-views]
+
+Both sides of the ratio write through the rollups' materialized views, as every insert does; ``--without-views``
+drops them, to show how much of the gap is theirs.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ TENANTS = {
 }
 
 
-def raw_insert(rows: list[list[object]]) -> float:
-    engine = fresh_engine(merges=False)
+def raw_insert(rows: list[list[object]], views: bool = True) -> float:
+    engine = fresh_engine(merges=False, views=views)
     columns = LLMTrace.clickhouse_columns()
     with engine.connect() as connection:
         client = driver_client(connection)
@@ -47,12 +50,14 @@ def raw_insert(rows: list[list[object]]) -> float:
     return seconds
 
 
-def compare(traces: list[LLMTrace], rounds: int) -> None:
+def compare(traces: list[LLMTrace], rounds: int, views: bool) -> None:
     rows = [list(trace.to_clickhouse_row()) for trace in traces]
     contenders: dict[str, Callable[[], float]] = {
-        "raw client.insert": lambda: raw_insert(rows),
-        "add_many": lambda: add_many_seconds(traces, BATCH, merges=False),
-        "add_many(skip_stored=False)": lambda: add_many_seconds(traces, BATCH, merges=False, skip_stored=False),
+        "raw client.insert": lambda: raw_insert(rows, views),
+        "add_many": lambda: add_many_seconds(traces, BATCH, merges=False, views=views),
+        "add_many(skip_stored=False)": lambda: add_many_seconds(
+            traces, BATCH, merges=False, views=views, skip_stored=False
+        ),
     }
     results: dict[str, list[float]] = {name: [] for name in contenders}
     names = list(contenders)
@@ -71,6 +76,9 @@ def main() -> None:
     parser.add_argument("--traces", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tenants", choices=[*TENANTS, "both"], default="both")
+    parser.add_argument(
+        "--without-views", action="store_true", help="drop the rollups' views: inserts write only the traces"
+    )
     args = parser.parse_args()
 
     warmed_up = False
@@ -98,7 +106,7 @@ def main() -> None:
             warmed_up = True
         for label, traces in (("random order (backfill)", shuffled), ("time order (live ingestion)", in_time_order)):
             print(f"{label}, median of {args.rounds}:")
-            compare(traces, args.rounds)
+            compare(traces, args.rounds, views=not args.without_views)
 
 
 if __name__ == "__main__":

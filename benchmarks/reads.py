@@ -46,6 +46,7 @@ def main() -> None:
 
     engine = fresh_engine()
     database = engine.url.database
+    assert database is not None  # fresh_engine names one
     repository = TraceRepository(engine)
     traces = synthetic_traces(
         args.traces, organizations=20, payload_bytes=(100, 1_000), end=END, span=timedelta(days=90)
