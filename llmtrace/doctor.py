@@ -28,7 +28,7 @@ from llmtrace.engine import EMBEDDED_SCHEME, driver_client, get_engine, is_embed
 from llmtrace.errors import ConfigurationError, LLMTraceError, database_errors
 from llmtrace.migrations import alembic_config
 from llmtrace.record import TABLE_NAME
-from llmtrace.retention import RETAINED_TABLES, read_retention
+from llmtrace.retention import RETAINED_TABLES, read_retention, read_row_retention
 from llmtrace.rollup import ROLLUPS, existing
 from llmtrace.spool import QUARANTINE_DIRECTORY, QUARANTINE_FILE, SUFFIX
 from llmtrace.spool_format import NotASpoolFile, read_file_header
@@ -86,7 +86,7 @@ def _database_checks(url: str | None) -> Generator[Check, None, str | None]:
                 topology = (SINGLE if is_embedded(engine) else deployed(client)) or SINGLE
                 yield from _table_checks(client, topology)
                 yield _retention_check(client, topology)
-                yield _rollup_check(connection, client)
+                yield _rollup_check(connection, client, topology)
     except LLMTraceError as exc:
         if connected:
             yield Check(Status.FAIL, "database", str(exc), "see the error; run `llmtrace doctor` again once fixed")
@@ -256,8 +256,12 @@ def _retention_check(client: Any, topology: Topology) -> Check:
     return Check(Status.OK, "retention", f"traces {rows}; payloads {payloads}")
 
 
-def _rollup_check(connection: Connection, client: Any) -> Check:
-    """Whether the rollups count the traces the table holds (their views add every insert as it happens)."""
+def _rollup_check(connection: Connection, client: Any, topology: Topology) -> Check:
+    """Whether the rollups count the traces the table holds (their views add every insert as it happens).
+
+    With a row retention, only from the first day it keeps whole, as reports do: before that day, expired traces
+    and the rollups' rows for them leave with their parts at times merges choose, not together.
+    """
     found = existing(connection)
     present = [rollup for rollup in ROLLUPS if rollup.name in found]
     missing = " or ".join(rollup.name for rollup in ROLLUPS if rollup.name not in found)
@@ -268,19 +272,31 @@ def _rollup_check(connection: Connection, client: Any) -> Check:
     if missing:
         return Check(Status.WARN, "rollup", f"no {missing} rollup: reports it would answer read slower sources",
                      "run `llmtrace migrate`")  # fmt: skip
-    traces = int(client.query(f"SELECT count() FROM {TABLE_NAME}").result_rows[0][0])
+    try:
+        retention, now = read_row_retention(client, topology.storage_table(TABLE_NAME))
+        first_day = retention.first_whole_day(now)
+    except ConfigurationError:  # a TTL llmtrace did not write: the retention check reports it
+        first_day = None
+    parameters = {} if first_day is None else {"first_day": first_day}
+
+    def counted(statement: str, time_column: str) -> int:
+        if first_day is not None:
+            statement += f" WHERE {time_column} >= {{first_day:DateTime64(6, 'UTC')}}"
+        return int(client.query(statement, parameters=parameters).result_rows[0][0] or 0)
+
+    traces = counted(f"SELECT count() FROM {TABLE_NAME}", "created_at")
     counts = {
-        rollup.name: int(client.query(f"SELECT sum(requests) FROM {rollup.table}").result_rows[0][0] or 0)
-        for rollup in present
+        rollup.name: counted(f"SELECT sum(requests) FROM {rollup.table}", rollup.time_column) for rollup in present
     }
     names = " and ".join(counts)
-    if all(counted == traces for counted in counts.values()):
-        return Check(Status.OK, "rollup", f"{names} in step with the traces ({traces:,})")
-    differ = ", ".join(f"{name} {counted:,}" for name, counted in counts.items())
+    since = "" if first_day is None else f" since {first_day:%Y-%m-%d} (the first day the retention keeps whole)"
+    if all(count == traces for count in counts.values()):
+        return Check(Status.OK, "rollup", f"{names} in step with the traces{since} ({traces:,})")
+    differ = ", ".join(f"{name} {count:,}" for name, count in counts.items())
     return Check(
         Status.WARN,
         "rollup",
-        f"counts {differ} traces, the table holds {traces:,} (a delete or an expiry may be under way)",
+        f"counts {differ} traces{since}, the table holds {traces:,} (a delete or an insert may be under way)",
         "if it stays so, rebuild them: TraceRepository(engine).rebuild_rollup()",
     )
 

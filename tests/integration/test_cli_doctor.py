@@ -6,15 +6,19 @@ import os
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from alembic.script import ScriptDirectory
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
-from llmtrace import get_engine
+from llmtrace import TraceRepository, get_engine
 from llmtrace.cli import main
+from llmtrace.doctor import Status, diagnose
 from llmtrace.migrations import PROJECT_ROOT, alembic_config, upgrade
+from llmtrace.retention import Retention, set_retention
+from llmtrace.rollup import ROLLUPS
 from llmtrace.spool import Quarantine, Spool
 from tests.cli_support import BIN, llmtrace, repository_call
 from tests.conftest import embedded_url
@@ -288,3 +292,30 @@ def test_a_hand_made_ttl_and_a_missing_rollup_are_warnings(
     assert checks["rollup"] == (
         "WARN no daily or hourly rollup: every report scans the traces\n-> run `llmtrace migrate`"
     )
+
+
+def test_the_rollup_check_compares_only_the_days_the_retention_keeps_whole(
+    database_url: str, migrated_engine: Engine
+) -> None:
+    repository = TraceRepository(migrated_engine)
+    now = datetime.now(UTC)
+    repository.add_many([make_trace(i, created_at=now - timedelta(days=2, minutes=i)) for i in range(20)])
+    repository.add_many([make_trace(100 + i, created_at=now - timedelta(days=60, minutes=i)) for i in range(10)])
+    with migrated_engine.connect() as connection:
+        # Expired traces leave the table before the rollups' rows for their days (here all at once, as a TTL
+        # merge of the traces' part would): the rollups' TTL merges are held back so that the rows stay.
+        for rollup in ROLLUPS:
+            connection.execute(text(f"SYSTEM STOP TTL MERGES {rollup.table}"))
+        set_retention(migrated_engine, rows_days=30, payload_days=None)
+        connection.execute(
+            text("ALTER TABLE llm_traces DELETE WHERE created_at < now() - INTERVAL 40 DAY"),
+            execution_options={"settings": {"mutations_sync": 2}},
+        )
+    (rollup_check,) = [check for check in diagnose(database_url) if check.name == "rollup"]
+    assert rollup_check.status is Status.OK, rollup_check
+    # The first whole day after the cutoff, as the check's own clock saw it (this test may straddle midnight).
+    first_days = {Retention(rows_days=30).first_whole_day(moment) for moment in (now, datetime.now(UTC))}
+    assert rollup_check.found in {
+        f"daily and hourly in step with the traces since {day:%Y-%m-%d} (the first day the retention keeps whole) (20)"
+        for day in first_days
+    }
