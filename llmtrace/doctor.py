@@ -296,7 +296,8 @@ def _rollup_check(connection: Connection, client: Any, topology: Topology) -> Ch
     return Check(
         Status.WARN,
         "rollup",
-        f"counts {differ} traces{since}, the table holds {traces:,} (a delete or an insert may be under way)",
+        f"counts {differ} traces{since}, the table holds {traces:,} "
+        "(a delete, an insert or an expiry may be under way)",
         "if it stays so, rebuild them: TraceRepository(engine).rebuild_rollup()",
     )
 

@@ -89,9 +89,10 @@ class RetainedTable:
         return f"{self.time_column} + toIntervalDay({days})"
 
     def days(self, expression: str) -> int | None:
-        """The days of a TTL expression this module wrote, ``None`` if it is some other expression."""
+        """The days of a TTL expression this module wrote, ``None`` if it is some other expression (one of the same
+        form with a number of days this module refuses, such as 0, counts as another)."""
         match = re.fullmatch(rf"{re.escape(self.time_column)} \+ toIntervalDay\((\d+)\)", expression.strip())
-        return int(match.group(1)) if match else None
+        return int(match.group(1)) if match and 1 <= int(match.group(1)) <= MAX_DAYS else None
 
 
 # Tables retention applies to, by name, and how. The hourly rollup follows the traces' row retention (see

@@ -13,7 +13,7 @@ import pytest
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, text
 
-from llmtrace import TraceRepository, get_engine
+from llmtrace import ALL_ORGANIZATIONS, ConfigurationError, TraceRepository, get_engine
 from llmtrace.cli import main
 from llmtrace.doctor import Status, diagnose
 from llmtrace.migrations import PROJECT_ROOT, alembic_config, upgrade
@@ -292,6 +292,20 @@ def test_a_hand_made_ttl_and_a_missing_rollup_are_warnings(
     assert checks["rollup"] == (
         "WARN no daily or hourly rollup: every report scans the traces\n-> run `llmtrace migrate`"
     )
+
+
+@pytest.mark.parametrize("days", [0, 20_000])
+def test_a_hand_made_ttl_of_days_llmtrace_refuses_is_a_warning_not_a_traceback(
+    database_url: str, migrated_engine: Engine, days: int
+) -> None:
+    # The form llmtrace writes, with a number of days set_retention would refuse.
+    with migrated_engine.connect() as connection:
+        connection.execute(text(f"ALTER TABLE llm_traces MODIFY TTL created_at + INTERVAL {days} DAY"))
+    checks = {check.name: check for check in diagnose(database_url)}
+    assert checks["retention"].status is Status.WARN and "remove that TTL" in (checks["retention"].advice or "")
+    assert checks["rollup"].status is Status.OK, checks["rollup"]  # compared whole, as without a retention of ours
+    with pytest.raises(ConfigurationError, match="toIntervalDay"):
+        TraceRepository(migrated_engine).usage(ALL_ORGANIZATIONS)
 
 
 def test_the_rollup_check_compares_only_the_days_the_retention_keeps_whole(
