@@ -39,7 +39,8 @@ def fresh_engine(*, merges: bool = True, views: bool = True) -> Engine:
     upgrade(engine)
     with engine.connect() as connection:
         if not merges:
-            connection.execute(text("SYSTEM STOP MERGES llm_traces"))
+            for table in ("llm_traces", *(rollup.table for rollup in ROLLUPS)):
+                connection.execute(text(f"SYSTEM STOP MERGES {table}"))
         if not views:
             for rollup in ROLLUPS:
                 connection.execute(text(f"DROP VIEW {rollup.view}"))
