@@ -38,6 +38,7 @@ from _common import drop, fresh_engine, timed
 from llmtrace import ALL_ORGANIZATIONS, TraceRepository, UsageRow
 from llmtrace.rollup import DAILY, HOURLY, ROLLUPS
 from llmtrace.synthetic import synthetic_traces
+from llmtrace.usage import PERCENTILE_FIELDS
 
 END = datetime(2026, 11, 20, tzinfo=UTC)
 DAYS = 90
@@ -101,7 +102,7 @@ def generate(engine: Engine, count: int, days: int = DAYS, chunk: int = 1_000_00
 
 
 def comparable(rows: list[UsageRow]) -> list[dict[str, Any]]:
-    skip = {"source", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms"}
+    skip = {"source", *PERCENTILE_FIELDS}
     return [{name: value for name, value in row.__dict__.items() if name not in skip} for row in rows]
 
 

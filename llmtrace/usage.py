@@ -43,6 +43,8 @@ GROUP_KEYS = KEY_COLUMNS
 GRANULARITIES = ("hour", "day", "month")
 USAGE_SOURCES = ("auto", "raw", "rollup", "hourly", "daily")
 PERCENTILES = (0.5, 0.95, 0.99)
+# The UsageRow fields that hold them, in the same order (None when a report asks for none).
+PERCENTILE_FIELDS = ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms")
 # How latency percentiles are computed. "exact" keeps every latency of a group in memory while the query runs;
 # "approximate" (a t-digest) uses a few kilobytes per group, whatever its size, and is usually within about
 # 1% of the exact value: the choice for reports over very many traces, such as all organizations over months.

@@ -21,13 +21,12 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from llmtrace.usage import UsageRow
+from llmtrace.usage import PERCENTILE_FIELDS, UsageRow
 
 BUCKET = "bucket"
 GROUP = "group"
 # How the table shows a bucket's start, per granularity.
 BUCKET_FORMATS = {"hour": "%Y-%m-%d %H:%M", "day": "%Y-%m-%d", "month": "%Y-%m"}
-PERCENTILE_MEASURES = ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms")
 
 
 def measure_names(rows: Sequence[UsageRow] = ()) -> list[str]:
@@ -132,7 +131,7 @@ def unreported(rows: Sequence[UsageRow]) -> list[str]:
     return [
         name
         for name in measure_names(rows)
-        if name not in PERCENTILE_MEASURES and all(getattr(row, name) is None for row in rows)
+        if name not in PERCENTILE_FIELDS and all(getattr(row, name) is None for row in rows)
     ]
 
 

@@ -23,12 +23,11 @@ from llmtrace.record import TRACES_TABLE
 from llmtrace.retention import set_retention
 from llmtrace.rollup import DAILY, HOURLY, PER_AGENT, ROLLUPS
 from llmtrace.synthetic import synthetic_traces
-from llmtrace.usage import GRANULARITIES, GROUP_KEYS
+from llmtrace.usage import GRANULARITIES, GROUP_KEYS, PERCENTILE_FIELDS
 from tests.factories import make_trace
 
 END = datetime(2026, 11, 20, 12, tzinfo=UTC)
 COLUMNS = LLMTrace.clickhouse_columns()
-PERCENTILE_FIELDS = ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms")
 
 
 def traces() -> list[LLMTrace]:
